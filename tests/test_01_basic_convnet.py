@@ -1,0 +1,172 @@
+"""01_basic_convnet, run for real on the CPU through the deepspeed launcher, torchrun and plain python."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from harness import REPO, assert_clean_error, make_mnist_idx, offline_env, run_example, write_config
+
+EX = "01_basic_convnet"
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("ex01", REPO / EX / "train_ds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    return run_example(EX, ["--epochs", "3"], output_dir=out, ranks=2)
+
+
+def test_two_ranks_learn_and_report(two_rank_run):
+    r = two_rank_run
+    assert r.rc == 0, r
+    m = r.metrics
+    assert m["world_size"] == 2 and m["example"] == EX
+    assert len(m["epochs"]) == 3
+    assert m["final"]["test_accuracy"] >= 80.0, m["final"]
+    assert m["final"]["quality"] in ("Good", "Excellent")
+    # each of the 10,000 training images seen once per epoch across the two ranks, counted globally
+    assert all(e["train_images"] == 10_000 for e in m["epochs"]), m["epochs"]
+    for key in ("train_loss", "train_accuracy", "test_accuracy", "lr", "grad_norm", "skipped_steps",
+                "epoch_time_s", "images_per_s"):
+        assert key in m["epochs"][0]
+    assert m["config"]["train_micro_batch_size_per_gpu"] == 32 and "train_batch_size" not in m["config"]
+    assert m["config"]["scheduler"]["params"]["total_num_steps"] == 3 * 157  # 5,000 per rank / 32
+    assert "notice: fp16 is not supported on the CPU" in r.stdout
+
+
+def test_two_ranks_print_once(two_rank_run):
+    r = two_rank_run
+    assert r.stdout.count("DeepSpeed CNN training: 01_basic_convnet") == 1, r
+    assert r.stdout.count("Training finished") == 1, r
+    assert "Traceback" not in r.text
+
+
+def test_model_pt_loads_without_deepspeed(two_rank_run):
+    mod = load_module()
+    model = mod.CNNModelEnhanced()
+    model.load_state_dict(torch.load(two_rank_run.output_dir / "model.pt", weights_only=True))
+    assert sum(p.numel() for p in model.parameters()) == 215_370
+    assert (two_rank_run.output_dir / "curves.png").stat().st_size > 1000
+    ckpts = sorted(p.name for p in (two_rank_run.output_dir / "checkpoints").iterdir())
+    assert "latest" in ckpts and 1 <= len([c for c in ckpts if c.startswith("epoch")]) <= 2
+
+
+def test_sharding_covers_each_sample_once():
+    mod = load_module()
+    x, y = torch.arange(100).float().view(100, 1), torch.arange(100)
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            b = mod.DeviceBatches(x, y, 8, rank, 2, torch.device("cpu"), shuffle=True, seed=3)
+            b.set_epoch(epoch)
+            seen += [int(v) for _, lab in b for v in lab]
+        assert sorted(seen) == list(range(100))
+    orders = []
+    for epoch in (0, 1):
+        b = mod.DeviceBatches(x, y, 100, 0, 1, torch.device("cpu"), shuffle=True, seed=3)
+        b.set_epoch(epoch)
+        orders.append(next(iter(b))[1].tolist())
+    assert orders[0] != orders[1]  # reshuffled every epoch
+
+
+def test_plain_python_and_max_steps(tmp_path):
+    r = run_example(EX, ["--epochs", "2", "--max-steps", "20", "--log-interval", "10"], output_dir=tmp_path / "o",
+                    launcher="python")
+    assert r.rc == 0, r
+    m = r.metrics
+    assert m["final"]["epochs_completed"] == 1 and len(m["epochs"]) == 1
+    assert "step     20" in r.stdout and "Stopping at --max-steps 20" in r.stdout
+
+
+def test_torchrun_two_ranks(tmp_path):
+    r = run_example(EX, ["--epochs", "1", "--max-steps", "10"], output_dir=tmp_path / "o", ranks=2,
+                    launcher="torchrun")
+    assert r.rc == 0, r
+    assert r.metrics["world_size"] == 2
+
+
+def test_resume_continues_as_if_never_stopped(tmp_path):
+    straight = run_example(EX, ["--epochs", "3"], output_dir=tmp_path / "a", launcher="python")
+    assert straight.rc == 0, straight
+    # 313 steps = exactly one epoch at 1 rank: stop there, then resume to the end
+    first = run_example(EX, ["--epochs", "3", "--max-steps", "313"], output_dir=tmp_path / "b", launcher="python")
+    assert first.rc == 0 and len(first.metrics["epochs"]) == 1, first
+    resumed = run_example(EX, ["--epochs", "3", "--resume"], output_dir=tmp_path / "b", launcher="python")
+    assert resumed.rc == 0, resumed
+    assert "continuing at epoch 2" in resumed.stdout
+    a, b = straight.metrics, resumed.metrics
+    assert [e["epoch"] for e in b["epochs"]] == [1, 2, 3]
+    for ea, eb in zip(a["epochs"], b["epochs"]):
+        assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-6)
+    assert a["final"]["test_accuracy"] == pytest.approx(b["final"]["test_accuracy"], abs=1e-9)
+    wa = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_mnist_from_idx_files(tmp_path):
+    data = make_mnist_idx(tmp_path / "data", n_train=640, n_test=200)
+    r = run_example(EX, ["--dataset", "mnist", "--data-dir", data, "--epochs", "3", "--warmup-epochs", "1"],
+                    output_dir=tmp_path / "o", launcher="python")
+    assert r.rc == 0, r
+    assert r.metrics["final"]["test_accuracy"] > 50.0, r.metrics["final"]  # chance is 10%
+    assert "640 train / 200 test" in r.stdout
+
+
+def test_mnist_offline_without_files(tmp_path):
+    r = run_example(EX, ["--dataset", "mnist", "--data-dir", tmp_path / "empty"], output_dir=tmp_path / "o",
+                    launcher="python")
+    assert_clean_error(r, "MNIST", "--dataset synthetic")
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("case", ["malformed", "missing", "optimizer", "epochs0", "resume_empty", "unwritable",
+                                  "batch_for_one_gpu"])
+def test_bad_input(tmp_path, case):
+    args, needles = [], []
+    if case == "malformed":
+        cfg = tmp_path / "bad.json"
+        cfg.write_text('{"train_micro_batch_size_per_gpu": 32,,}')
+        args, needles = ["--deepspeed_config", cfg], ["not valid JSON"]
+    elif case == "missing":
+        args, needles = ["--deepspeed_config", tmp_path / "nope.json"], ["not found"]
+    elif case == "optimizer":
+        cfg = write_config(EX, tmp_path / "c.json", lambda c: c["optimizer"].update(type="Adamm"))
+        args, needles = ["--deepspeed_config", cfg], ["unknown optimizer", "Adamm"]
+    elif case == "epochs0":
+        args, needles = ["--epochs", "0"], ["--epochs"]
+    elif case == "resume_empty":
+        (tmp_path / "empty").mkdir()
+        args, needles = ["--resume", tmp_path / "empty"], ["no checkpoint"]
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        args, needles = ["--output-dir", tmp_path / "file" / "out"], ["cannot write"]
+    elif case == "batch_for_one_gpu":
+        cfg = write_config(EX, tmp_path / "c.json", lambda c: c.update(train_batch_size=32))
+        args, needles = ["--deepspeed_config", cfg], ["train_batch_size"]
+    out = tmp_path / "o"
+    launcher, ranks = ("deepspeed", 2) if case == "batch_for_one_gpu" else ("python", 1)
+    r = run_example(EX, args, output_dir=out, launcher=launcher, ranks=ranks)
+    assert_clean_error(r, *needles)
+    assert not (out / "metrics.json").exists() and not (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("dtype,tol", [("auto", 1e-6), ("bf16", 0.25)])
+def test_parity_with_plain_pytorch(dtype, tol):
+    """The shipped config (fp16 falls back to fp32 on CPU) and bf16: a few DeepSpeed steps give the
+    parameters a plain PyTorch Adam loop with the same schedule gives."""
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "parity_check.py"), EX, "--dtype", dtype],
+                       capture_output=True, text=True, env=offline_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["moved"] > 0.1, res  # the steps really trained
+    assert res["relative"] < tol, res
