@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU verification runs for 01_basic_convnet (run from the repo root on a CUDA box with deepspeed).
+# LAUNCH overrides the launcher (e.g. LAUNCH=python3 where only the deepspeed module is installed).
 # Writes logs and metrics under $OUT. Each 50-epoch run: ~30-70 s on one H100.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/01"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/01_hardware.txt"
 for dtype in fp16 bf16 fp32; do
-  cmd="deepspeed --num_gpus=1 01_basic_convnet/train_ds.py --dtype $dtype --output-dir $OUT/01/$dtype"
+  cmd="${LAUNCH:-deepspeed --num_gpus=1} 01_basic_convnet/train_ds.py --dtype $dtype --output-dir $OUT/01/$dtype"
   echo "+ $cmd" | tee "$OUT/01_$dtype.log"
   t0=$(date +%s.%N); $cmd >> "$OUT/01_$dtype.log" 2>&1; t1=$(date +%s.%N)
   echo "01 $dtype: launcher wall $(python3 -c "print(round($t1 - $t0, 1))") s" | tee -a "$OUT/01_$dtype.log"

@@ -14,6 +14,7 @@ best epoch), model.pt (plain PyTorch state dict of the best model), metrics.json
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,8 @@ CLASSES = [str(d) for d in range(10)]
 INPUT_SHAPE = (1, 28, 28)
 # DeepSpeed 0.19.8's ZeRO calls an all_gather that torch >= 2.14 flags as deprecated, once per rank.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+# On a machine without CUDA, building DeepSpeed's CPU comm op logs "No CUDA runtime is found" per rank.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 class UsageError(Exception):
