@@ -1,0 +1,349 @@
+"""docs/: quoted code still matches the scripts, shown commands use real flags, results tables match their
+JSON files, and the Docusaurus site builds and renders (code blocks and the training-curve image).
+
+Conventions the pages follow (docs/docs/*.md):
+  ```python title="01_basic_convnet/train_ds.py"     a block quoted from that file; every line must occur in
+                                                    it, consecutive lines consecutively; a line `...` (or
+                                                    `# ...`) marks a cut between quoted runs
+  <!-- results: PATH.json -->                        the next table's numbers all come from PATH (repo root)
+  front matter `example: 01_basic_convnet`           a bare `train_ds.py` in a command means that example's
+The build needs npm (skipped without it); the rendering check needs Chromium (`apt-get install -y chromium`).
+"""
+
+import functools
+import http.server
+import json
+import math
+import re
+import shlex
+import shutil
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+PAGES = sorted((DOCS / "docs").rglob("*.md"))
+SCREENSHOT_PAGE = "01-basic-convnet/"  # route of the page whose rendering is checked
+CURVE_IMG = "01_basic_convnet_cpu_curves.png"
+
+FENCE = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```\s*$", re.M | re.S)
+TITLE = re.compile(r'title="([^"]+)"')
+RESULTS = re.compile(r"<!--\s*results:\s*(\S+?)\s*-->\s*\n((?:\|[^\n]*\|[ \t]*\n?)+)")
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?(?![\w.])")
+SHELL_STOP = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&", "<"}
+
+
+def norm(line):
+    return " ".join(line.split())
+
+
+def front_matter(text):
+    m = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    return dict(re.findall(r"^(\w+):\s*(.+?)\s*$", m.group(1), re.M)) if m else {}
+
+
+def blocks(text):
+    """(language, info string, body) of every fenced code block."""
+    return [(m.group(1), m.group(2), m.group(3)) for m in FENCE.finditer(text)]
+
+
+# ---------------------------------------------------------------------------- (a) quoted code
+def quote_problems(body, source_text):
+    """Lines of `body` that are not in `source_text` (whitespace-normalized per line); runs between `...`
+    cut lines must occur consecutively and in order."""
+    src = [norm(line) for line in source_text.splitlines() if norm(line)]  # blank lines do not count
+    runs, run = [], []
+    for line in body.splitlines():
+        if norm(line) in ("...", "# ..."):
+            runs.append(run)
+            run = []
+        elif norm(line):
+            run.append(norm(line))
+    runs.append(run)
+    problems, pos = [], 0
+    for run in filter(None, runs):
+        hit = next((i for i in range(pos, len(src) - len(run) + 1)
+                    if src[i:i + len(run)] == run), None)
+        if hit is None:
+            missing = [line for line in run if line not in src]
+            problems.append(missing[0] if missing else f"lines not consecutive/in order: {run[0]!r}...")
+        else:
+            pos = hit + len(run)
+    return problems
+
+
+def quoted_blocks():
+    for page in PAGES:
+        for lang, info, body in blocks(page.read_text()):
+            m = TITLE.search(info)
+            if m and "/" in m.group(1):
+                yield page, m.group(1), body
+
+
+def test_quote_checker_catches_drift():
+    src = "def f(x):\n    y = x + 1\n    return y\n\nprint(f(2))\n"
+    assert quote_problems("def f(x):\n  y = x  +  1\n...\nprint(f(2))\n", src) == []
+    assert quote_problems("def f(x):\n    y = x + 2\n", src) == ["y = x + 2"]
+    assert quote_problems("def f(x):\n    return y\n", src)  # not consecutive
+    assert quote_problems("print(f(2))\n...\ndef f(x):\n", src)  # out of order
+
+
+def test_docs_quote_scripts_verbatim():
+    found = list(quoted_blocks())
+    assert any(path.endswith("train_ds.py") for _, path, _ in found), "no page quotes a train_ds.py"
+    bad = []
+    for page, path, body in found:
+        f = REPO / path
+        if not f.is_file():
+            bad.append(f"{page.name}: quotes {path}, which does not exist")
+            continue
+        bad += [f"{page.name}: {path}: {p!r}" for p in quote_problems(body, f.read_text())]
+    assert not bad, "docs quote code that is no longer in the file:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------- (b) commands and flags
+@functools.lru_cache(maxsize=None)
+def script_flags(example):
+    """Every option string the example's --help lists (argparse), plus -h."""
+    p = subprocess.run([sys.executable, str(REPO / example / "train_ds.py"), "--help"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, f"{example}/train_ds.py --help failed:\n{p.stderr[-2000:]}"
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", p.stdout))
+
+
+@functools.lru_cache(maxsize=None)
+def launcher_flags(launcher):
+    mod = {"deepspeed": "deepspeed.launcher.runner", "torchrun": "torch.distributed.run"}[launcher]
+    p = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", p.stdout))
+
+
+def commands(body):
+    """Shell command lines of a code block (continuations joined, prompts and comments dropped)."""
+    text = re.sub(r"\\\n\s*", " ", body)
+    for line in text.splitlines():
+        line = re.sub(r"^\s*\$\s+", "", line)
+        line = re.sub(r"\s+#.*$", "", line) if not line.lstrip().startswith("#") else ""
+        if line.strip():
+            yield line.strip()
+
+
+def train_invocations(cmd, default_example, examples):
+    """(example, launcher, launcher flags, script flags) for each train_ds.py run in one command line."""
+    try:
+        tokens = shlex.split(cmd)
+    except ValueError:
+        return
+    cwd_example = default_example
+    for i, tok in enumerate(tokens):
+        if tok == "cd" and i + 1 < len(tokens):
+            cwd_example = next((e for e in examples if e in tokens[i + 1]), cwd_example)
+        if not tok.endswith("train_ds.py"):
+            continue
+        example = next((e for e in examples if e in tok), cwd_example)
+        start = max((j + 1 for j in range(i) if tokens[j] in SHELL_STOP), default=0)
+        pre = tokens[start:i]
+        launcher = next((t.rsplit("/", 1)[-1] for t in pre if t.rsplit("/", 1)[-1] in ("deepspeed", "torchrun")),
+                        None)
+        lflags = [t.split("=")[0] for t in pre if t.startswith("-")] if launcher else []
+        sflags = []
+        for t in tokens[i + 1:]:
+            if t in SHELL_STOP or t.startswith(">"):
+                break
+            if t.startswith("-") and not NUMBER.fullmatch(t):
+                sflags.append(t.split("=")[0])
+        yield example, launcher, lflags, sflags
+
+
+def shown_invocations():
+    examples = sorted(p.name for p in REPO.glob("0*_*") if p.is_dir())
+    for page in PAGES:
+        text = page.read_text()
+        default = front_matter(text).get("example")
+        for lang, info, body in blocks(text):
+            if lang not in ("bash", "sh", "shell", "console") or TITLE.search(info):
+                continue
+            cwd = default  # a `cd 0X_...` line holds for the rest of the block
+            for cmd in commands(body):
+                for inv in train_invocations(cmd, cwd, examples):
+                    yield page, cmd, inv
+                cwd = next((e for e in examples if re.search(rf"\bcd\s+\S*{e}", cmd)), cwd)
+
+
+def test_command_parser():
+    ex = ["01_basic_convnet", "02_cifar10"]
+    got = list(train_invocations("deepspeed --num_gpus=2 02_cifar10/train_ds.py --epochs 3 --dtype=bf16 2>&1 | tee x",
+                                 None, ex))
+    assert got == [("02_cifar10", "deepspeed", ["--num_gpus"], ["--epochs", "--dtype"])]
+    got = list(train_invocations("cd 01_basic_convnet && python train_ds.py --resume", None, ex))
+    assert got == [("01_basic_convnet", None, [], ["--resume"])]
+
+
+def test_docs_commands_use_real_flags():
+    shown = list(shown_invocations())
+    assert len(shown) >= 10, "expected the pages to show launch commands"
+    bad = []
+    for page, cmd, (example, launcher, lflags, sflags) in shown:
+        if example is None:
+            bad.append(f"{page.name}: cannot tell which example runs: {cmd}")
+            continue
+        if not (REPO / example / "train_ds.py").is_file():
+            bad.append(f"{page.name}: {example}/train_ds.py does not exist: {cmd}")
+            continue
+        bad += [f"{page.name}: {example}/train_ds.py has no flag {f}: {cmd}"
+                for f in sflags if f not in script_flags(example)]
+        if launcher:
+            bad += [f"{page.name}: {launcher} has no flag {f}: {cmd}" for f in lflags if f not in launcher_flags(launcher)]
+    assert not bad, "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------- (c) results tables
+def json_numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from json_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from json_numbers(v)
+
+
+def table_problems(table, data):
+    """Numbers in the table's body cells that no number in `data` rounds to (at the cell's precision)."""
+    values = [v for v in json_numbers(data) if math.isfinite(v)]
+    rows = [r for r in table.strip().splitlines()[2:]]  # skip header and |---| line
+    problems = []
+    for row in rows:
+        for cell in row.strip().strip("|").split("|"):
+            for num in NUMBER.findall(cell):
+                s = num.replace(",", "")
+                places = len(s.split(".")[1]) if "." in s else 0
+                x = float(s)
+                if not any(abs(round(v, places) - x) < 10 ** -(places + 3) for v in values):
+                    problems.append(f"{num} (in {cell.strip()!r})")
+    return problems
+
+
+def results_tables():
+    for page in PAGES:
+        for m in RESULTS.finditer(page.read_text()):
+            yield page, m.group(1), m.group(2)
+
+
+def test_results_checker_catches_mismatch():
+    data = {"final": {"test_accuracy": 91.23456, "epochs": 3, "n": 10000}}
+    table = "| a | b |\n|---|---|\n| 91.23 | 3 |\n| 10,000 | 91.2 |\n"
+    assert table_problems(table, data) == []
+    assert table_problems("| a |\n|---|\n| 91.24 |\n", data) == ["91.24 (in '91.24')"]
+
+
+def test_results_tables_match_their_files():
+    tables = list(results_tables())
+    assert tables, "no page marks a results table with <!-- results: PATH -->"
+    bad = []
+    for page, path, table in tables:
+        f = REPO / path
+        if not f.is_file():
+            bad.append(f"{page.name}: results file {path} does not exist")
+            continue
+        bad += [f"{page.name}: {path}: {p}" for p in table_problems(table, json.loads(f.read_text()))]
+    assert not bad, "results tables disagree with their files:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------- (d) build and render
+def test_site_config_fails_on_broken_links():
+    cfg = (DOCS / "docusaurus.config.js").read_text()
+    assert "onBrokenLinks: 'throw'" in cfg and "onBrokenMarkdownLinks: 'throw'" in cfg
+    assert (DOCS / "package-lock.json").is_file()
+    assert not list((DOCS / "docs").rglob("*.mdx")), "pages stay plain Markdown"
+
+
+@pytest.fixture(scope="session")
+def built_site():
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed: cannot build docs/ (CI installs it)")
+    if not (DOCS / "node_modules").is_dir():
+        p = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=DOCS, capture_output=True, text=True,
+                           timeout=900)
+        assert p.returncode == 0, f"npm ci failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    p = subprocess.run([npm, "run", "build"], cwd=DOCS, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"docs build failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return DOCS / "build"
+
+
+def test_site_builds(built_site):
+    for page in PAGES:
+        text = page.read_text()
+        slug = front_matter(text).get("slug", page.stem).strip("/")
+        route = built_site / slug / "index.html" if slug else built_site / "index.html"
+        assert route.is_file(), f"{page.name} did not become {route.relative_to(built_site)}"
+    assert (built_site / "img" / CURVE_IMG).is_file()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def served_site(built_site):
+    handler = functools.partial(_Quiet, directory=str(built_site))
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+        httpd.shutdown()
+
+
+def chromium(*args):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        p = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+                            *args], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_page_renders_code_and_curve(served_site, tmp_path):
+    url = served_site + SCREENSHOT_PAGE
+    dom = chromium("--dump-dom", url)
+    assert "<pre" in dom and "<code" in dom, "no rendered code block"
+    assert "Page Not Found" not in dom
+    stem = re.escape(CURVE_IMG[:-len(".png")])  # Docusaurus serves it as /assets/images/<stem>-<hash>.png
+    imgs = re.findall(r'<img[^>]*src="([^"]*' + stem + r'[^"]*\.png)"', dom)
+    assert imgs, "training-curve <img> missing from the rendered page"
+    with urllib.request.urlopen(urllib.parse.urljoin(url, imgs[0]), timeout=30) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "image/png"
+
+    shot = tmp_path / "page.png"
+    # tall enough for the whole page: the curve sits near the end, and lazy images load only in view
+    chromium(f"--screenshot={shot}", "--window-size=1280,12000", "--hide-scrollbars", url)
+    import numpy as np
+    from PIL import Image
+
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    rows = np.nonzero((px != px[:, :1]).any(axis=(1, 2)))[0]
+    assert len(rows) > 1000, "screenshot looks blank"
+    page = px[: rows[-1] + 1]
+    r, g, b = page[..., 0], page[..., 1], page[..., 2]
+    dark = ((r + g + b) < 150).mean()  # the vsDark code-block background is #1e1e1e
+    # matplotlib's default line colours (C0 blue #1f77b4, C1 orange #ff7f0e) come only from the curve image
+    blue = ((abs(r - 31) < 25) & (abs(g - 119) < 25) & (abs(b - 180) < 25)).sum()
+    orange = ((abs(r - 255) < 25) & (abs(g - 127) < 25) & (b < 60)).sum()
+    assert dark > 0.05, f"no dark code-block region in the screenshot ({dark:.2%} dark pixels)"
+    assert blue > 200 and orange > 200, f"training curves not visible (blue {blue}, orange {orange} px)"
