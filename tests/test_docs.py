@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def quote_problems(body, source_text):
 
 def quoted_blocks():
     for page in PAGES:
-        for lang, info, body in blocks(page.read_text()):
+        for _lang, info, body in blocks(page.read_text()):
             m = TITLE.search(info)
             if m and "/" in m.group(1):
                 yield page, m.group(1), body
@@ -109,7 +110,7 @@ def test_docs_quote_scripts_verbatim():
 
 
 # ---------------------------------------------------------------------------- (b) commands and flags
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def script_flags(example):
     """Every option string the example's --help lists (argparse), plus -h."""
     p = subprocess.run([sys.executable, str(REPO / example / "train_ds.py"), "--help"],
@@ -118,7 +119,7 @@ def script_flags(example):
     return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", p.stdout))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def launcher_flags(launcher):
     mod = {"deepspeed": "deepspeed.launcher.runner", "torchrun": "torch.distributed.run"}[launcher]
     p = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=300)
@@ -203,6 +204,16 @@ def test_docs_commands_use_real_flags():
         if launcher:
             bad += [f"{page.name}: {launcher} has no flag {f}: {cmd}" for f in lflags if f not in launcher_flags(launcher)]
     assert not bad, "\n".join(bad)
+
+
+def test_cited_tests_exist():
+    """Pages back claims with test ids (tests/test_x.py::test_name[param]); each named test must exist."""
+    cited = {(page.name, f, name) for page in PAGES
+             for f, name in re.findall(r"(tests/test_\w+\.py)::(\w+)", page.read_text())}
+    assert cited, "no page cites a test"
+    bad = [f"{page}: {f}::{name}" for page, f, name in sorted(cited)
+           if not (REPO / f).is_file() or not re.search(rf"^def {name}\(", (REPO / f).read_text(), re.M)]
+    assert not bad, "pages cite tests that do not exist:\n" + "\n".join(bad)
 
 
 # ---------------------------------------------------------------------------- (c) results tables
