@@ -80,13 +80,14 @@ def test_model_pt_loads_without_deepspeed(two_rank_run):
 
 
 def test_synthetic_two_ranks_max_steps(tmp_path):
-    r = run_example(EX, ["--dataset", "synthetic", "--epochs", "2", "--max-steps", "40", "--log-interval", "20"],
+    r = run_example(EX, ["--dataset", "synthetic", "--epochs", "2", "--warmup-epochs", "0.1", "--max-steps", "40",
+                         "--log-interval", "20"],
                     output_dir=tmp_path / "o", ranks=2)
     assert r.rc == 0, r
     m = r.metrics
     assert m["final"]["epochs_completed"] == 1 and "Stopping at --max-steps 40" in r.stdout
     assert "5,000 train / 1,000 test" in r.stdout and "268,746 parameters" in r.stdout
-    assert m["final"]["test_accuracy"] > 30.0, m["final"]  # chance is 10%
+    assert m["final"]["test_accuracy"] > 20.0, m["final"]  # chance is 10%
 
 
 def test_augmentation_sharding_and_determinism():
