@@ -622,6 +622,7 @@ def main(argv=None):
              "test_loss": test_loss, "train_loss": last["train_loss"], "quality": tier,
              "epochs_completed": last["epoch"], "stopped_early": stopped_early,
              "wall_time_s": wall_before + time.time() - start, "per_class_accuracy": dict(zip(classes, per_class)),
+             "classes": list(classes),
              "parameters": n_params, "dtype": dtype, "global_batch_size": global_batch}
     if is_main:
         write_metrics(args, cfg, world, history, final)
