@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CIFAR_TRAIN = 50_000  # images in a full CIFAR-10 training epoch (for extrapolating --max-steps runs)
+STEP_LINE = re.compile(r"\|\s*([\d,]+) img/s\s*$")  # the examples' per-interval step lines end like this
 
 # ============================================================================ parts and targets
 GPU_PARTS = ["01", "03", "03_fp16", "03_zero2", "02_fast", "02_seed", "02_seed_2cpu", "seed", "seed_2cpu", "plain"]
@@ -160,7 +162,7 @@ def run_script(cmd, log_path, cpu, cores, timeout):
     imports, data loading, engine), time to the final report (launch -> 'Training finished') and peak memory."""
     mem = None if cpu else GpuMemory()
     pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
-    t0, banner_s, report_s = time.perf_counter(), None, None
+    t0, banner_s, report_s, step_ips = time.perf_counter(), None, None, []
     with open(log_path, "w") as log:
         log.write("+ " + shlex.join(cmd) + "\n")
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(cpu, cores), stdout=subprocess.PIPE,
@@ -173,13 +175,16 @@ def run_script(cmd, log_path, cpu, cores, timeout):
             log.write(line)
             if banner_s is None and "DeepSpeed CNN training" in line:  # printed once data and engine are ready
                 banner_s = time.perf_counter() - t0
+            rate = STEP_LINE.search(line)
+            if rate and not line.startswith("epoch"):  # training-only throughput of one log interval
+                step_ips.append(float(rate.group(1).replace(",", "")))
             if report_s is None and "Training finished" in line:
                 report_s = time.perf_counter() - t0
         rc = proc.wait()
         killer.cancel()
     wall = time.perf_counter() - t0
     peak, how = mem.result() if mem else (None, "n/a (CPU)")
-    return {"rc": rc, "wall_s": wall, "setup_s": banner_s, "report_s": report_s, "peak_gpu_mib": peak, "peak_gpu_method": how,
+    return {"rc": rc, "wall_s": wall, "setup_s": banner_s, "report_s": report_s, "step_line_ips": step_ips, "peak_gpu_mib": peak, "peak_gpu_method": how,
             "timed_out": wall >= timeout}
 
 
@@ -193,7 +198,7 @@ def example_part(name, args):
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir]
     fast = ["--deepspeed_config", str(REPO / "02_cifar10/ds_config_fast.json"), *shlex.split(args.fast_args)]
     seedcfg = ["--epochs", str(args.seed_config_epochs)]
-    ex03 = ["--epochs", "1", "--max-steps", str(args.steps_03)]
+    ex03 = ["--epochs", "1", "--max-steps", str(args.steps_03), "--log-interval", str(max(1, args.steps_03 // 5))]
     return {
         "01": ("01_basic_convnet", ["--epochs", str(args.epochs_01)], False, None,
                f"01 ds_config.json (fp16 ZeRO-1, batch 32), synthetic digits, {args.epochs_01} epochs"),
@@ -215,8 +220,10 @@ def example_part(name, args):
     }[name]
 
 
-def from_metrics(m, full_epoch_images):
-    """Epoch time (last epoch; extrapolated to a full epoch for partial runs), images/s, step time, accuracy."""
+def from_metrics(m, full_epoch_images, step_ips):
+    """Epoch time (the last epoch), images/s, step time, accuracy. A partial run (--max-steps) is extrapolated
+    to a full epoch from its step lines' training-only images/s (median, first interval left out), so its
+    test pass does not count 12 times over; without step lines, from metrics.json's images/s."""
     cfg, eps, final = m["config"], m["epochs"], m.get("final") or {}
     batch = cfg["train_micro_batch_size_per_gpu"] * cfg.get("gradient_accumulation_steps", 1) * m["world_size"]
     steady = eps[1:] or eps  # the first epoch carries one-off start-up costs
@@ -228,10 +235,13 @@ def from_metrics(m, full_epoch_images):
            "script_wall_s": final.get("wall_time_s"), "extrapolated": False,
            **{f"script_{k}": v for k, v in final.items() if "mem" in k.lower()}}  # if a script reports memory
     if full_epoch_images and last["train_images"] < full_epoch_images:
-        out["epoch_s"] = full_epoch_images / last["images_per_s"]
-        out["extrapolated"] = True
-        out["note"] = (f"{last['train_images']:,} images timed (incl. the test pass), "
-                       f"epoch = {full_epoch_images:,} / images/s")
+        windows = step_ips[1:]
+        ips = statistics.median(windows) if windows else last["images_per_s"]
+        out.update(epoch_s=full_epoch_images / ips, images_per_s=ips, step_ms=1000 * batch / ips, extrapolated=True,
+                   epoch_s_partial_incl_test=last["epoch_time_s"])
+        out["note"] = (f"{last['train_images']:,} images trained; epoch = {full_epoch_images:,} / "
+                       + (f"median images/s of {len(windows)} step-line intervals" if windows else
+                          "metrics.json images/s (incl. the test pass)"))
     return out
 
 
@@ -245,7 +255,7 @@ def run_example_part(name, args, out):
     if name == "01":
         res["epochs_requested"] = args.epochs_01
     try:
-        res.update(from_metrics(json.loads((run_dir / "metrics.json").read_text()), full))
+        res.update(from_metrics(json.loads((run_dir / "metrics.json").read_text()), full, res["step_line_ips"]))
     except (OSError, ValueError, KeyError, ZeroDivisionError, statistics.StatisticsError) as e:
         res["error"] = f"no usable metrics.json ({type(e).__name__}: {e})"
     if name.startswith("smoke"):

@@ -15,6 +15,7 @@ Left out: W&B calls (off without WANDB_API_KEY in the seed too) and the seed's t
 train accuracy), so the seed's epoch time here is, if anything, an underestimate.
 """
 
+import copy
 import math
 import os
 import time
@@ -145,7 +146,7 @@ def make_engine(device):
     import deepspeed
 
     model = CIFAR10CNNEnhanced()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=SEED_CONFIG)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(SEED_CONFIG))
     return engine
 
 
