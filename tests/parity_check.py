@@ -92,30 +92,37 @@ def main():
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     in_dtype = next(engine.module.parameters()).dtype
+    scales, skipped = [], []  # per step: the loss scale used, and whether DeepSpeed skipped the update
     for x, y in batches:
         x, y = x.to(device), y.to(device)
+        scales.append(float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0))
+        before = engine.skipped_steps
         loss, _ = ex.forward_loss(engine, x.to(in_dtype), y, args)
         engine.backward(loss)
         engine.step()
+        skipped.append(engine.skipped_steps != before)
 
     # Reference: fp32 master weights; the forward/backward runs in the engine's precision.
     opt = reference_optimizer(cfg, ref.parameters())
     clip = cfg.get("gradient_clipping", 1.0)
     work = copy.deepcopy(ref).to(in_dtype) if in_dtype != torch.float32 else ref
-    for k, (x, y) in enumerate(batches):
+    k = 0  # optimizer steps taken: DeepSpeed neither updates nor steps its LR scheduler on a skipped step
+    for (x, y), scale, skip in zip(batches, scales, skipped):
+        if skip:  # fp16 overflow (or a non-finite bf16 step): mirror DeepSpeed and leave the weights alone
+            continue
         x, y = x.to(device), y.to(device)
         if work is not ref:
             work.load_state_dict({n: v.to(in_dtype) for n, v in ref.state_dict().items()})
         work.zero_grad()
-        ex.forward_loss(work, x.to(in_dtype), y, args)[0].backward()
-        if work is not ref:
-            for p, q in zip(ref.parameters(), work.parameters()):
-                p.grad = q.grad.float()
+        (ex.forward_loss(work, x.to(in_dtype), y, args)[0] * scale).backward()  # same loss scale as DeepSpeed
+        for p, q in zip(ref.parameters(), work.parameters()):
+            p.grad = q.grad.float() / scale
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
         for group in opt.param_groups:
             group["lr"] = reference_lr(cfg, k)
         opt.step()
+        k += 1
 
     ds = {k: v.to(device) for k, v in ex.master_weights(engine).items()}  # fp32 masters, as model.pt holds
     rs = {k: v.float() for k, v in ref.state_dict().items()}
@@ -123,7 +130,7 @@ def main():
     diff = math.sqrt(sum(((ds[k] - rs[k]) ** 2).sum().item() for k in rs if rs[k].is_floating_point()))
     print(json.dumps({"example": a.example, "dtype": dtype, "device": device.type, "steps": a.steps,
                       "moved": moved, "diff": diff, "relative": diff / max(moved, 1e-12),
-                      "loss_scale": getattr(engine.optimizer, "cur_scale", None)}))
+                      "skipped": sum(skipped), "loss_scale": getattr(engine.optimizer, "cur_scale", None)}))
 
 
 if __name__ == "__main__":
