@@ -14,7 +14,9 @@ best epoch), model.pt (plain PyTorch state dict of the best model), metrics.json
 """
 
 import argparse
+import concurrent.futures
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,6 +39,8 @@ INPUT_SHAPE = (3, 32, 32)
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the seed's CIFAR-10 normalization
 # DeepSpeed 0.19.8's ZeRO calls an all_gather that torch >= 2.14 flags as deprecated, once per rank.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+# On a machine without CUDA, building DeepSpeed's CPU comm op logs "No CUDA runtime is found" per rank.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 class UsageError(Exception):
@@ -171,7 +175,7 @@ def load_cifar10(data_dir, train, download):
         ds = CIFAR10(data_dir, train=train, download=download)
     except Exception as e:  # noqa: BLE001 - offline (URLError), corrupt or missing files: all user-facing
         raise UsageError(
-            f"CIFAR-10 is not in {data_dir} and could not be downloaded ({str(e).splitlines()[0][:120]}). "
+            f"CIFAR-10 is not in {data_dir} (or is corrupted) and could not be downloaded ({str(e).splitlines()[0][:120]}). "
             f"Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into "
             f"{data_dir} (giving {os.path.join(data_dir, 'cifar-10-batches-py')}), or run with --dataset synthetic."
         ) from None
@@ -196,7 +200,9 @@ def load_imagefolder(root, say):
             raise UsageError(f"--dataset imagefolder: no images in {os.path.join(d, empty[0]) if empty else d}")
         say(f"Loading    : {len(files):,} {split} images from {d}")
         images = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
-        for i, (path, _) in enumerate(files):
+
+        def decode(i):
+            path = files[i][0]
             try:
                 with Image.open(path) as im:
                     im = im.convert("RGB")
@@ -206,6 +212,10 @@ def load_imagefolder(root, say):
             except OSError as e:  # PIL.UnidentifiedImageError is an OSError
                 raise UsageError(f"--dataset imagefolder: cannot read image {path} ({type(e).__name__}); "
                                  f"remove or replace the file") from None
+
+        # PIL releases the GIL while decoding, so threads cut the one-off load (50,000 JPEGs: ~30 s serial).
+        with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            list(pool.map(decode, range(len(files))))
         splits[split] = (images, torch.tensor([lab for _, lab in files], dtype=torch.long), classes)
     if splits["train"][2] != splits["test"][2]:
         raise UsageError(f"--dataset imagefolder: class folders differ between train/ ({', '.join(splits['train'][2])}) "
@@ -302,6 +312,14 @@ class AugmentedBatches(DeviceBatches):
             yield (x - self.mean) / self.std, labels
 
 
+def nan_batches():
+    """Test hook (tests/test_faults.py): DS_EXAMPLES_NAN_BATCHES="rank:epoch:batch,..." fills those training
+    batches (epoch from 1, batch index within the epoch from 0) with NaN on that rank only, to check that a
+    non-finite loss on one rank is skipped on every rank. Unset in normal use: an empty set."""
+    spec = os.environ.get("DS_EXAMPLES_NAN_BATCHES", "")
+    return {tuple(int(v) for v in item.split(":")) for item in spec.split(",") if item.strip()}
+
+
 # ============================================================================ config
 def read_config(path, world):
     """Read and check the DeepSpeed JSON (ds_config.json owns batch, precision, optimizer, scheduler)."""
@@ -316,10 +334,18 @@ def read_config(path, world):
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    for key in ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast"):
+        if not isinstance(cfg.get(key, {}), dict) or not isinstance(cfg.get(key, {}).get("params", {}), dict):
+            raise UsageError(f"{path}: {key!r} must be a JSON object {{...}} (with \"params\" an object too)")
     opt = cfg.get("optimizer", {}).get("type")
-    if opt is not None and not (str(opt).lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS
-                                or hasattr(torch.optim, str(opt))):
+    if opt is None:
+        raise UsageError(f'{path}: no "optimizer": {{"type": ..., "params": {{...}}}} section; this script needs one')
+    if not (str(opt).lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, str(opt))):
         raise UsageError(f"{path}: unknown optimizer type {opt!r} (use e.g. Adam, AdamW or SGD)")
+    cfg["optimizer"].setdefault("params", {})
+    clip = cfg.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise UsageError(f"{path}: gradient_clipping must be a number >= 0 (0: off), got {clip!r}")
     micro = cfg.get("train_micro_batch_size_per_gpu")
     gas = cfg.setdefault("gradient_accumulation_steps", 1)
     if not (isinstance(micro, int) and micro > 0 and isinstance(gas, int) and gas > 0):
@@ -328,7 +354,40 @@ def read_config(path, world):
     if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * gas * world:
         raise UsageError(f"{path}: train_batch_size {cfg['train_batch_size']} != micro batch {micro} x "
                          f"accumulation {gas} x {world} ranks; drop train_batch_size to fit any GPU count")
+    unknown = sorted(set(cfg) - keys_deepspeed_reads(cfg))
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}: DeepSpeed would ignore them without a "
+                         f"word (a typo? see https://www.deepspeed.ai/docs/config-json/)")
     return cfg
+
+
+def keys_deepspeed_reads(cfg):
+    """The top-level keys DeepSpeed's own config parser looks up in cfg, found by letting it parse a dict
+    that notes every lookup; the version installed decides what is known, not a list kept here. If the
+    parser rejects the config, all keys pass: deepspeed.initialize reports the real problem later."""
+    seen = set()
+
+    class Recorder(dict):
+        def get(self, key, default=None):
+            seen.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def keys(self):  # DeepSpeed also asks `key in cfg.keys()`
+            return self
+
+    try:
+        deepspeed.runtime.config.DeepSpeedConfig(Recorder(json.loads(json.dumps(cfg))))
+    except Exception:  # noqa: BLE001 - any parser error is reported by deepspeed.initialize
+        return set(cfg)
+    return seen
 
 
 def finalize_config(cfg, args, steps_per_epoch, on_cpu, say):
@@ -422,22 +481,32 @@ def evaluate(engine, batches, in_dtype, device, num_classes, tta_flip=False):
 
 # ============================================================================ checkpoint and report
 def atomic_write(path, write):
-    """Write via a temp file + rename, so a crash never leaves a half-written file under `path`."""
+    """Write via a temp file + rename, so a crash never leaves a half-written file under `path`; a failed
+    write (disk full, quota) ends the run in one line and leaves the previous file in place."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise UsageError(f"cannot write {path}: {str(e).splitlines()[0][:150]} (disk full? free some space "
+                         f"or pick another --output-dir)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def save_checkpoint(engine, ckpt_dir, epoch, state, keep):
-    """Every rank calls this (ZeRO writes one optimizer shard per rank). DeepSpeed writes the tag's
-    files first and the `latest` pointer last, so a crash mid-save leaves the previous one in force."""
+    """Every rank calls this (ZeRO writes one optimizer shard per rank). DeepSpeed's own `latest` pointer
+    is written by rank 0 in place and without waiting for the other ranks' shards, so we write it after
+    DeepSpeed's closing barrier, by rename: a crash or kill mid-save leaves the previous checkpoint in force."""
     tag = f"epoch{epoch:04d}"
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state)
-    if dist.get_rank() == 0:  # keep only the latest and the best epoch
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False)
+    except (OSError, RuntimeError) as e:  # disk full mid-save: `latest` still names the previous epoch
+        raise UsageError(f"cannot write checkpoint {os.path.join(ckpt_dir, tag)}: {str(e).splitlines()[0][:150]} "
+                         f"(disk full? free some space or pick another --output-dir)") from None
+    if dist.get_rank() == 0:  # then point `latest` at it, and keep only the latest and the best epoch
+        atomic_write(os.path.join(ckpt_dir, "latest"), lambda tmp: open(tmp, "w").write(tag))
         for old in os.listdir(ckpt_dir):
             if old.startswith("epoch") and old not in (tag, keep):
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -591,12 +660,15 @@ def main(argv=None):
     # ---- train
     say("-" * 80)
     consecutive_bad, stopped_early, stop_reason = 0, False, ""
+    poisoned = nan_batches()
     for epoch in range(first_epoch, args.epochs):
         train.set_epoch(epoch)  # new order every epoch, same on every rank
         t0 = time.time()
         ep_sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, correct, n, norm, norm count
         win_sums, win_t0, skipped = torch.zeros_like(ep_sums), time.time(), 0
-        for images, labels in train:
+        for batch, (images, labels) in enumerate(train):
+            if (rank, epoch + 1, batch) in poisoned:
+                images = torch.full_like(images, float("nan"))
             loss, logits = forward_loss(engine, images.to(in_dtype), labels, args)
             engine.backward(loss)
             norm = None
