@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,8 +73,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder: bench.json, bench.md, logs/, runs/")
     p.add_argument("--cpu", action="store_true", help="small CPU version (no CUDA): smokes + tiny seed/plain runs")
-    p.add_argument("--only", default="", help=f"comma-separated parts; GPU: {','.join(GPU_PARTS)}; "
-                                              f"CPU: {','.join(CPU_PARTS)} (default: all of the mode's)")
+    p.add_argument("--only", default="", help=f"comma-separated parts, empty for all of the mode's; GPU: "
+                                              f"{','.join(GPU_PARTS)}; CPU: {','.join(CPU_PARTS)}")
     p.add_argument("--append", action="store_true", help="keep the parts already in OUT/bench.json")
     p.add_argument("--data-dir", default="/tmp/cifar10-jpeg", help="CIFAR-10 JPEGs: DIR/{train,test}/<class>/*.jpg")
     p.add_argument("--epochs-01", type=int, default=50, help="epochs of the 01 run (its target is for 50)")
@@ -95,6 +96,9 @@ def parse_args(argv=None):
         p.error(f"unknown part(s) {', '.join(unknown)} for {'--cpu' if args.cpu else 'GPU'} mode; "
                 f"choose from {', '.join(modes)}")
     args.parts = [s for s in modes if s in args.parts]  # subprocess parts first, in-process ones last
+    needs_data = not args.cpu and any(s != "01" for s in args.parts)
+    if needs_data and not all(os.path.isdir(os.path.join(args.data_dir, d)) for d in ("train", "test")):
+        p.error(f"--data-dir {args.data_dir} needs train/<class>/*.jpg and test/<class>/*.jpg (CIFAR-10 as JPEGs)")
     return args
 
 
@@ -479,6 +483,30 @@ def markdown(doc):
     return "\n".join(out)
 
 
+def run_part(name, args, out, ctx):
+    """One part; an exception in an in-process part is recorded as its error, not the end of the run."""
+    if name not in IN_PROCESS:
+        return run_example_part(name, args, out), ctx
+    try:
+        ctx = ctx or InProcess(args)
+        return (run_seed_part if name.startswith("seed") else run_plain_part)(name, ctx), ctx
+    except Exception as e:  # noqa: BLE001 - keep the other parts' results
+        traceback.print_exc()
+        return {"rc": 1, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}, ctx
+
+
+def write_report(out, args, old, parts, hw):
+    """bench.json and bench.md, rewritten after every part so that a killed run still leaves its results."""
+    order = CPU_PARTS if args.cpu else GPU_PARTS
+    parts = {k: parts[k] for k in order if k in parts}
+    doc = {"cpu_mode": args.cpu, "hardware": hw,
+           "commands": old.get("commands", []) + [shlex.join([sys.executable, *sys.argv])],
+           "parts": parts, "targets": judge(parts, args.cpu)}
+    (out / "bench.json").write_text(json.dumps(doc, indent=2))
+    (out / "bench.md").write_text(markdown(doc))
+    return doc
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.cpu:  # before torch is imported anywhere
@@ -487,25 +515,15 @@ def main(argv=None):
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "bench.json").read_text()) if args.append and (out / "bench.json").exists() else {}
-    parts, ctx = dict(old.get("parts", {})), None
+    parts, ctx, hw = dict(old.get("parts", {})), None, hardware(args.cpu)
     for name in args.parts:
         print(f"[bench] {name} ...", flush=True)
         t0 = time.perf_counter()
-        if name in IN_PROCESS:
-            ctx = ctx or InProcess(args)
-            parts[name] = (run_seed_part if name.startswith("seed") else run_plain_part)(name, ctx)
-        else:
-            parts[name] = run_example_part(name, args, out)
+        parts[name], ctx = run_part(name, args, out, ctx)
         p = parts[name]
         print(f"[bench] {name}: {time.perf_counter() - t0:.1f}s | epoch {fmt(p.get('epoch_s'))}s | step "
               f"{fmt(p.get('step_ms'), 3)} ms | acc {fmt(p.get('test_accuracy'))} {p.get('error', '')}", flush=True)
-    order = CPU_PARTS if args.cpu else GPU_PARTS
-    parts = {k: parts[k] for k in order if k in parts}
-    doc = {"cpu_mode": args.cpu, "hardware": hardware(args.cpu),
-           "commands": old.get("commands", []) + [shlex.join([sys.executable, *sys.argv])],
-           "parts": parts, "targets": judge(parts, args.cpu)}
-    (out / "bench.json").write_text(json.dumps(doc, indent=2))
-    (out / "bench.md").write_text(markdown(doc))
+        doc = write_report(out, args, old, parts, hw)
     print(markdown(doc))
     return 0 if all("error" not in p for p in parts.values()) else 1
 
