@@ -114,7 +114,10 @@ def nvidia_smi(*query):
 
 def device_used_mib():
     rows = nvidia_smi("--query-gpu=memory.used")
-    return float(rows[0][0]) if rows else None
+    try:
+        return float(rows[0][0])
+    except (IndexError, ValueError):  # no GPU, or "[N/A]"
+        return None
 
 
 class GpuMemory(threading.Thread):
@@ -188,8 +191,8 @@ def run_script(cmd, log_path, cpu, cores, timeout):
         killer.cancel()
     wall = time.perf_counter() - t0
     peak, how = mem.result() if mem else (None, "n/a (CPU)")
-    return {"rc": rc, "wall_s": wall, "setup_s": banner_s, "report_s": report_s, "step_line_ips": step_ips, "peak_gpu_mib": peak, "peak_gpu_method": how,
-            "timed_out": wall >= timeout}
+    return {"rc": rc, "wall_s": wall, "setup_s": banner_s, "report_s": report_s, "step_line_ips": step_ips,
+            "peak_gpu_mib": peak, "peak_gpu_method": how, "timed_out": wall >= timeout}
 
 
 def two_cores():
@@ -200,28 +203,33 @@ def two_cores():
 def example_part(name, args):
     """(example folder, its flags, 2-core pinning?, images of a full epoch if the run is partial, what)."""
     data = ["--dataset", "imagefolder", "--data-dir", args.data_dir]
-    fast = ["--deepspeed_config", str(REPO / "02_cifar10/ds_config_fast.json"), *shlex.split(args.fast_args)]
     seedcfg = ["--epochs", str(args.seed_config_epochs)]
-    ex03 = ["--epochs", "1", "--max-steps", str(args.steps_03), "--log-interval", str(max(1, args.steps_03 // 5))]
-    return {
-        "01": ("01_basic_convnet", ["--epochs", str(args.epochs_01)], False, None,
-               f"01 ds_config.json (fp16 ZeRO-1, batch 32), synthetic digits, {args.epochs_01} epochs"),
-        "02_fast": ("02_cifar10", data + fast, False, None, f"02 ds_config_fast.json (batch 512) {args.fast_args}"),
-        "02_seed": ("02_cifar10", data + seedcfg, False, None,
-                    f"02 ds_config.json (seed's batch 32), {args.seed_config_epochs} epochs, last one timed"),
-        "02_seed_2cpu": ("02_cifar10", data + seedcfg, True, None, "same as 02_seed, pinned to 2 CPU cores"),
-        "03": ("03_cifar10_basic", data + ["--deepspeed_config", str(REPO / "03_cifar10_basic/ds_config.json")] + ex03,
-               False, CIFAR_TRAIN, f"03 ds_config.json (batch 4, fp32), {args.steps_03} steps, extrapolated"),
-        "03_fp16": ("03_cifar10_basic", data + ["--deepspeed_config", str(REPO / "03_cifar10_basic/ds_config_fp16.json")]
-                    + ex03, False, CIFAR_TRAIN, f"03 ds_config_fp16.json (fp16 ZeRO-1), {args.steps_03} steps, extrapolated"),
-        "03_zero2": ("03_cifar10_basic", data + ["--deepspeed_config", str(REPO / "03_cifar10_basic/ds_config_zero2.json")]
-                     + ex03, False, CIFAR_TRAIN, f"03 ds_config_zero2.json (ZeRO-2), {args.steps_03} steps, extrapolated"),
-        "smoke_01": ("01_basic_convnet", ["--max-steps", "50"], False, None, "01 --max-steps 50, synthetic"),
-        "smoke_02": ("02_cifar10", ["--dataset", "synthetic", "--max-steps", "50"], False, None,
-                     "02 --max-steps 50, synthetic"),
-        "smoke_03": ("03_cifar10_basic", ["--dataset", "synthetic", "--max-steps", "50"], False, None,
-                     "03 --max-steps 50, synthetic"),
-    }[name]
+
+    def ex03(config, label):  # a bounded run: batch 4 means 12,500 steps per epoch
+        flags = data + ["--deepspeed_config", str(REPO / "03_cifar10_basic" / config), "--epochs", "1",
+                        "--max-steps", str(args.steps_03), "--log-interval", str(max(1, args.steps_03 // 5))]
+        return "03_cifar10_basic", flags, False, CIFAR_TRAIN, f"03 {config} ({label}), {args.steps_03} steps, extrapolated"
+
+    def smoke(example, flags):
+        return example, flags + ["--max-steps", "50"], False, None, f"{example} --max-steps 50, synthetic data"
+
+    parts = {
+        "01": lambda: ("01_basic_convnet", ["--epochs", str(args.epochs_01)], False, None,
+                       f"01 ds_config.json (fp16 ZeRO-1, batch 32), synthetic digits, {args.epochs_01} epochs"),
+        "02_fast": lambda: ("02_cifar10", data + ["--deepspeed_config", str(REPO / "02_cifar10/ds_config_fast.json"),
+                                                  *shlex.split(args.fast_args)],
+                            False, None, f"02 ds_config_fast.json (batch 512) {args.fast_args}"),
+        "02_seed": lambda: ("02_cifar10", data + seedcfg, False, None,
+                            f"02 ds_config.json (seed's batch 32), {args.seed_config_epochs} epochs, last one timed"),
+        "02_seed_2cpu": lambda: ("02_cifar10", data + seedcfg, True, None, "same as 02_seed, pinned to 2 CPU cores"),
+        "03": lambda: ex03("ds_config.json", "batch 4, fp32"),
+        "03_fp16": lambda: ex03("ds_config_fp16.json", "fp16, ZeRO-1"),
+        "03_zero2": lambda: ex03("ds_config_zero2.json", "fp32, ZeRO-2"),
+        "smoke_01": lambda: smoke("01_basic_convnet", []),
+        "smoke_02": lambda: smoke("02_cifar10", ["--dataset", "synthetic"]),
+        "smoke_03": lambda: smoke("03_cifar10_basic", ["--dataset", "synthetic"]),
+    }
+    return parts[name]()
 
 
 def from_metrics(m, full_epoch_images, step_ips):
@@ -307,7 +315,7 @@ class InProcess:
                 self._data = sp.synthetic_split(256, 1), sp.synthetic_split(128, 2)
             else:
                 t0 = time.perf_counter()
-                self._data = sp.load_jpeg_split(self.args.data_dir, "train"), sp.load_jpeg_split(self.args.data_dir, "test")
+                self._data = tuple(sp.load_jpeg_split(self.args.data_dir, split) for split in ("train", "test"))
                 print(f"  loaded {len(self._data[0][1]):,} + {len(self._data[1][1]):,} JPEGs in "
                       f"{time.perf_counter() - t0:.1f}s", flush=True)
         return self._data
@@ -359,7 +367,7 @@ def run_seed_part(name, ctx):
     ctx.reset_peak()
     t0 = time.perf_counter()
     with pinned(cores, ctx.torch):
-        engine = sp.make_engine(ctx.device)
+        engine = sp.make_engine()
         loader = sp.train_loader(x, y)
         sp.run_epoch(engine, loader, ctx.device, epoch=0, max_steps=args.warmup_steps)  # cuDNN, allocator: untimed
         timing = sp.run_epoch(engine, loader, ctx.device, epoch=1, max_steps=timed, log=lines.append)

@@ -141,12 +141,13 @@ def synthetic_split(n, seed):
 
 
 # ============================================================================ engine and loop
-def make_engine(device):
+def make_engine():
     """The seed's model in a DeepSpeed engine with the seed's config (needs torch.distributed up)."""
     import deepspeed
 
     model = CIFAR10CNNEnhanced()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=copy.deepcopy(SEED_CONFIG))
+    config = copy.deepcopy(SEED_CONFIG)  # DeepSpeed may fill in the dict it is given
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
 
 
