@@ -20,6 +20,7 @@ GPU: the examples' --max-steps 50 smokes on synthetic data, plus tiny seed/plain
   python3 benchmarks/bench.py --out /tmp/bench                               # whole GPU suite, ~7-8 min
   python3 benchmarks/bench.py --out /tmp/bench --only 02_fast,02_seed,seed,plain
   python3 benchmarks/bench.py --out /tmp/bench --only 01,03 --append         # add parts to an earlier run
+  python3 benchmarks/bench.py --out all --merge a/bench.json b/bench.json     # join finished runs, run nothing
   uv run python benchmarks/bench.py --cpu --out /tmp/bench_cpu               # CPU, ~2-4 min on 2 cores
 Writes OUT/bench.json, OUT/bench.md, OUT/logs/<part>.log and OUT/runs/<part>/ (the examples' outputs).
 """
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--only", default="", help=f"comma-separated parts, empty for all of the mode's; GPU: "
                                               f"{','.join(GPU_PARTS)}; CPU: {','.join(CPU_PARTS)}")
     p.add_argument("--append", action="store_true", help="keep the parts already in OUT/bench.json")
+    p.add_argument("--merge", nargs="+", metavar="BENCH_JSON", default=[],
+                   help="run nothing: join these bench.json files (later ones win per part) into OUT")
     p.add_argument("--data-dir", default="/tmp/cifar10-jpeg", help="CIFAR-10 JPEGs: DIR/{train,test}/<class>/*.jpg")
     p.add_argument("--epochs-01", type=int, default=50, help="epochs of the 01 run (its target is for 50)")
     p.add_argument("--fast-args", default="--epochs 30 --label-smoothing 0.1",
@@ -90,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--part-timeout", type=int, default=300, help="seconds before a subprocess part is killed")
     args = p.parse_args(argv)
     modes = CPU_PARTS if args.cpu else GPU_PARTS
-    args.parts = [s for s in args.only.split(",") if s] or list(modes)
+    args.parts = [s for s in args.only.split(",") if s] or ([] if args.merge else list(modes))
     unknown = [s for s in args.parts if s not in modes]
     if unknown:
         p.error(f"unknown part(s) {', '.join(unknown)} for {'--cpu' if args.cpu else 'GPU'} mode; "
@@ -508,7 +511,7 @@ def write_report(out, args, old, parts, hw):
     order = CPU_PARTS if args.cpu else GPU_PARTS
     parts = {k: parts[k] for k in order if k in parts}
     doc = {"cpu_mode": args.cpu, "hardware": hw,
-           "commands": old.get("commands", []) + [shlex.join([sys.executable, *sys.argv])],
+           "commands": old.get("commands", []) + ([] if args.merge else [shlex.join([sys.executable, *sys.argv])]),
            "parts": parts, "targets": judge(parts, args.cpu)}
     (out / "bench.json").write_text(json.dumps(doc, indent=2))
     (out / "bench.md").write_text(markdown(doc))
@@ -523,7 +526,12 @@ def main(argv=None):
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "bench.json").read_text()) if args.append and (out / "bench.json").exists() else {}
-    parts, ctx, hw = dict(old.get("parts", {})), None, hardware(args.cpu)
+    for path in args.merge:  # e.g. two GPU commands whose outputs came back to separate folders
+        doc = json.loads(Path(path).read_text())
+        old = {"commands": old.get("commands", []) + doc["commands"], "parts": {**old.get("parts", {}), **doc["parts"]},
+               "hardware": doc["hardware"]}
+    parts, ctx = dict(old.get("parts", {})), None
+    hw = old["hardware"] if args.merge else hardware(args.cpu)
     for name in args.parts:
         print(f"[bench] {name} ...", flush=True)
         t0 = time.perf_counter()
@@ -531,8 +539,8 @@ def main(argv=None):
         p = parts[name]
         print(f"[bench] {name}: {time.perf_counter() - t0:.1f}s | epoch {fmt(p.get('epoch_s'))}s | step "
               f"{fmt(p.get('step_ms'), 3)} ms | acc {fmt(p.get('test_accuracy'))} {p.get('error', '')}", flush=True)
-        doc = write_report(out, args, old, parts, hw)
-    print(markdown(doc))
+        write_report(out, args, old, parts, hw)
+    print(markdown(write_report(out, args, old, parts, hw)))
     return 0 if all("error" not in p for p in parts.values()) else 1
 
 

@@ -53,3 +53,13 @@ def test_bench_markdown_has_tables(bench):
     for needle in ("- hardware:", "- software: torch", "- command: `", "## Targets", "## Parts",
                    "| seed | seed 002 as written", "| plain | plain PyTorch loop", "extrapolated:"):
         assert needle in md, needle
+
+
+def test_bench_merge_joins_reports_without_running(bench, tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--cpu", "--out", str(tmp_path),
+                        "--merge", str(bench / "bench.json"), str(bench / "bench.json")],
+                       cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert set(doc["parts"]) == {"seed", "plain"} and len(doc["commands"]) == 2
+    assert (tmp_path / "bench.md").read_text().count("- command: `") == 2
