@@ -156,7 +156,7 @@ def load_mnist(data_dir, train, download):
         ds = MNIST(data_dir, train=train, download=download)
     except (RuntimeError, OSError) as e:
         raise UsageError(
-            f"MNIST is not in {data_dir} and could not be downloaded ({str(e).splitlines()[0][:120]}). "
+            f"MNIST is not in {data_dir} (or is corrupted) and could not be downloaded ({str(e).splitlines()[0][:120]}). "
             f"Fetch the four *-ubyte.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ into "
             f"{os.path.join(data_dir, 'MNIST', 'raw')}, or run with --dataset synthetic."
         ) from None
@@ -211,6 +211,14 @@ class DeviceBatches:
             yield self.images[sel], self.labels[sel]
 
 
+def nan_batches():
+    """Test hook (tests/test_faults.py): DS_EXAMPLES_NAN_BATCHES="rank:epoch:batch,..." fills those training
+    batches (epoch from 1, batch index within the epoch from 0) with NaN on that rank only, to check that a
+    non-finite loss on one rank is skipped on every rank. Unset in normal use: an empty set."""
+    spec = os.environ.get("DS_EXAMPLES_NAN_BATCHES", "")
+    return {tuple(int(v) for v in item.split(":")) for item in spec.split(",") if item.strip()}
+
+
 # ============================================================================ config
 def read_config(path, world):
     """Read and check the DeepSpeed JSON (ds_config.json owns batch, precision, optimizer, scheduler)."""
@@ -225,10 +233,18 @@ def read_config(path, world):
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    for key in ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast"):
+        if not isinstance(cfg.get(key, {}), dict) or not isinstance(cfg.get(key, {}).get("params", {}), dict):
+            raise UsageError(f"{path}: {key!r} must be a JSON object {{...}} (with \"params\" an object too)")
     opt = cfg.get("optimizer", {}).get("type")
-    if opt is not None and not (str(opt).lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS
-                                or hasattr(torch.optim, str(opt))):
+    if opt is None:
+        raise UsageError(f'{path}: no "optimizer": {{"type": ..., "params": {{...}}}} section; this script needs one')
+    if not (str(opt).lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, str(opt))):
         raise UsageError(f"{path}: unknown optimizer type {opt!r} (use e.g. Adam, AdamW or SGD)")
+    cfg["optimizer"].setdefault("params", {})
+    clip = cfg.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise UsageError(f"{path}: gradient_clipping must be a number >= 0 (0: off), got {clip!r}")
     micro = cfg.get("train_micro_batch_size_per_gpu")
     gas = cfg.setdefault("gradient_accumulation_steps", 1)
     if not (isinstance(micro, int) and micro > 0 and isinstance(gas, int) and gas > 0):
@@ -237,7 +253,40 @@ def read_config(path, world):
     if "train_batch_size" in cfg and cfg["train_batch_size"] != micro * gas * world:
         raise UsageError(f"{path}: train_batch_size {cfg['train_batch_size']} != micro batch {micro} x "
                          f"accumulation {gas} x {world} ranks; drop train_batch_size to fit any GPU count")
+    unknown = sorted(set(cfg) - keys_deepspeed_reads(cfg))
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}: DeepSpeed would ignore them without a "
+                         f"word (a typo? see https://www.deepspeed.ai/docs/config-json/)")
     return cfg
+
+
+def keys_deepspeed_reads(cfg):
+    """The top-level keys DeepSpeed's own config parser looks up in cfg, found by letting it parse a dict
+    that notes every lookup; the version installed decides what is known, not a list kept here. If the
+    parser rejects the config, all keys pass: deepspeed.initialize reports the real problem later."""
+    seen = set()
+
+    class Recorder(dict):
+        def get(self, key, default=None):
+            seen.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def keys(self):  # DeepSpeed also asks `key in cfg.keys()`
+            return self
+
+    try:
+        deepspeed.runtime.config.DeepSpeedConfig(Recorder(json.loads(json.dumps(cfg))))
+    except Exception:  # noqa: BLE001 - any parser error is reported by deepspeed.initialize
+        return set(cfg)
+    return seen
 
 
 def finalize_config(cfg, args, steps_per_epoch, on_cpu, say):
@@ -326,22 +375,32 @@ def evaluate(engine, batches, in_dtype, device, num_classes):
 
 # ============================================================================ checkpoint and report
 def atomic_write(path, write):
-    """Write via a temp file + rename, so a crash never leaves a half-written file under `path`."""
+    """Write via a temp file + rename, so a crash never leaves a half-written file under `path`; a failed
+    write (disk full, quota) ends the run in one line and leaves the previous file in place."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise UsageError(f"cannot write {path}: {str(e).splitlines()[0][:150]} (disk full? free some space "
+                         f"or pick another --output-dir)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def save_checkpoint(engine, ckpt_dir, epoch, state, keep):
-    """Every rank calls this (ZeRO writes one optimizer shard per rank). DeepSpeed writes the tag's
-    files first and the `latest` pointer last, so a crash mid-save leaves the previous one in force."""
+    """Every rank calls this (ZeRO writes one optimizer shard per rank). DeepSpeed's own `latest` pointer
+    is written by rank 0 in place and without waiting for the other ranks' shards, so we write it after
+    DeepSpeed's closing barrier, by rename: a crash or kill mid-save leaves the previous checkpoint in force."""
     tag = f"epoch{epoch:04d}"
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state)
-    if dist.get_rank() == 0:  # keep only the latest and the best epoch
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False)
+    except (OSError, RuntimeError) as e:  # disk full mid-save: `latest` still names the previous epoch
+        raise UsageError(f"cannot write checkpoint {os.path.join(ckpt_dir, tag)}: {str(e).splitlines()[0][:150]} "
+                         f"(disk full? free some space or pick another --output-dir)") from None
+    if dist.get_rank() == 0:  # then point `latest` at it, and keep only the latest and the best epoch
+        atomic_write(os.path.join(ckpt_dir, "latest"), lambda tmp: open(tmp, "w").write(tag))
         for old in os.listdir(ckpt_dir):
             if old.startswith("epoch") and old not in (tag, keep):
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -479,12 +538,22 @@ def main(argv=None):
     # ---- train
     say("-" * 80)
     consecutive_bad, stopped_early, stop_reason = 0, False, ""
+    poisoned = nan_batches()
+    # A skipped step must leave the model as it was, but forward has already moved BatchNorm's running
+    # statistics with the bad batch: copy them at the start of each accumulation window, put back on a skip.
+    stats = [b for b in engine.module.buffers() if b.is_floating_point()]
+    saved = [b.clone() for b in stats]
     for epoch in range(first_epoch, args.epochs):
         train.set_epoch(epoch)  # new order every epoch, same on every rank
         t0 = time.time()
         ep_sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, correct, n, norm, norm count
         win_sums, win_t0, skipped = torch.zeros_like(ep_sums), time.time(), 0
-        for images, labels in train:
+        for batch, (images, labels) in enumerate(train):
+            if (rank, epoch + 1, batch) in poisoned:
+                images = torch.full_like(images, float("nan"))
+            if stats and engine.micro_steps % engine.gradient_accumulation_steps() == 0:
+                for s, b in zip(saved, stats):
+                    s.copy_(b)
             loss, logits = forward_loss(engine, images.to(in_dtype), labels, args)
             engine.backward(loss)
             norm = None
@@ -495,6 +564,8 @@ def main(argv=None):
                 if not torch.isfinite(norm):  # one host read; DeepSpeed does the same on its skip paths
                     engine.zero_grad()
                     skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+                    for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
+                        b.copy_(s)
                     if consecutive_bad >= args.max_bad_steps:
                         break
                     continue
@@ -502,6 +573,8 @@ def main(argv=None):
             engine.step()
             if engine.skipped_steps != skipped_before:  # non-finite grads/fp16 overflow, same on all ranks
                 skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+                for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
+                    b.copy_(s)
                 if consecutive_bad >= args.max_bad_steps:
                     break
                 continue

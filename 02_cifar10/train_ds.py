@@ -661,6 +661,10 @@ def main(argv=None):
     say("-" * 80)
     consecutive_bad, stopped_early, stop_reason = 0, False, ""
     poisoned = nan_batches()
+    # A skipped step must leave the model as it was, but forward has already moved BatchNorm's running
+    # statistics with the bad batch: copy them at the start of each accumulation window, put back on a skip.
+    stats = [b for b in engine.module.buffers() if b.is_floating_point()]
+    saved = [b.clone() for b in stats]
     for epoch in range(first_epoch, args.epochs):
         train.set_epoch(epoch)  # new order every epoch, same on every rank
         t0 = time.time()
@@ -669,6 +673,9 @@ def main(argv=None):
         for batch, (images, labels) in enumerate(train):
             if (rank, epoch + 1, batch) in poisoned:
                 images = torch.full_like(images, float("nan"))
+            if stats and engine.micro_steps % engine.gradient_accumulation_steps() == 0:
+                for s, b in zip(saved, stats):
+                    s.copy_(b)
             loss, logits = forward_loss(engine, images.to(in_dtype), labels, args)
             engine.backward(loss)
             norm = None
@@ -679,6 +686,8 @@ def main(argv=None):
                 if not torch.isfinite(norm):  # one host read; DeepSpeed does the same on its skip paths
                     engine.zero_grad()
                     skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+                    for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
+                        b.copy_(s)
                     if consecutive_bad >= args.max_bad_steps:
                         break
                     continue
@@ -692,6 +701,8 @@ def main(argv=None):
             if engine.skipped_steps != skipped_before or (scale is not None and scaler.get_scale() < scale):
                 # non-finite grads (the GradScaler then halves its scale), same on all ranks
                 skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
+                for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
+                    b.copy_(s)
                 if consecutive_bad >= args.max_bad_steps:
                     break
                 continue
