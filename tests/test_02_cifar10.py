@@ -60,7 +60,7 @@ def test_two_ranks_imagefolder_learn_and_report(two_rank_run):
                 "epoch_time_s", "images_per_s"):
         assert key in m["epochs"][0]
     assert m["config"]["scheduler"]["params"]["total_num_steps"] == 3 * 6  # 96 per rank / 16
-    assert m["config"]["zero_optimization"]["stage"] == 1 and "train_batch_size" not in m["config"]
+    assert "zero_optimization" not in m["config"] and "train_batch_size" not in m["config"]
     assert (r.output_dir / "curves.png").stat().st_size > 1000
     assert "per class" in r.stdout
 
@@ -200,12 +200,13 @@ def test_fp16_config_maps_to_autocast_without_zero():
     mod = load_module()
     args = mod.parse_args(["--dtype", "fp16"])
     cfg = mod.read_config(args.deepspeed_config, 1)
+    cfg["zero_optimization"] = {"stage": 1}  # a user's ZeRO config: fp16 autocast must drop ZeRO
     cfg, dtype = mod.finalize_config(cfg, args, 10, False, lambda *a: None)  # as on a GPU
     assert dtype == "fp16" and cfg["torch_autocast"] == {"enabled": True, "dtype": "float16"}
     assert cfg["zero_optimization"]["stage"] == 0 and "fp16" not in cfg
     fast = mod.parse_args(["--deepspeed_config", str(REPO / EX / "ds_config_fast.json")])
     cfg, dtype = mod.finalize_config(mod.read_config(fast.deepspeed_config, 1), fast, 10, False, lambda *a: None)
-    assert dtype == "fp32" and "torch_autocast" not in cfg and cfg["zero_optimization"]["stage"] == 1
+    assert dtype == "fp32" and "torch_autocast" not in cfg and "zero_optimization" not in cfg
 
 
 @pytest.mark.parametrize("case", ["malformed", "missing", "optimizer", "epochs0", "resume_empty", "unwritable",
@@ -253,7 +254,7 @@ def test_bad_input(tmp_path, case):
 
 @pytest.mark.parametrize("dtype,tol", [("auto", 1e-6), ("bf16", 0.25)])
 def test_parity_with_plain_pytorch(dtype, tol):
-    """The shipped config (fp32, ZeRO-1, SGD + clipping) and bf16 autocast: a few DeepSpeed steps give the
+    """The shipped config (fp32, no ZeRO, SGD + clipping) and bf16 autocast: a few DeepSpeed steps give the
     parameters a plain PyTorch SGD loop with the same schedule gives (the reference runs in fp32, so bf16
     is only close)."""
     p = subprocess.run([sys.executable, str(REPO / "tests" / "parity_check.py"), EX, "--dtype", dtype],
