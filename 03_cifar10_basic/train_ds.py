@@ -473,8 +473,10 @@ def init_wandb(args, config, say):
     try:
         import wandb
 
+        # Unreachable W&B stalls the start for init_timeout seconds; W&B's own WANDB_INIT_TIMEOUT sets it.
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))
         return wandb.init(project="deepspeed-cnn-examples", name=EXAMPLE, config={"ds_config": config, **vars(args)},
-                          settings=wandb.Settings(init_timeout=60, silent=True))
+                          settings=wandb.Settings(init_timeout=timeout, silent=True))
     except Exception as e:  # noqa: BLE001 - W&B is optional: any failure means "run without it"
         say(f"warning: Weights & Biases disabled ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
         return None
@@ -644,6 +646,12 @@ def main(argv=None):
             stop_reason = (f"{consecutive_bad} non-finite steps in a row (epoch {epoch + 1}, {skipped} skipped); "
                            f"nothing was learned from them")
             break
+        # BatchNorm's running statistics drift apart per rank (DeepSpeed, unlike DDP, never syncs buffers):
+        # average them, so that every rank evaluates, and the checkpoint holds, one and the same model.
+        if stats and world > 1:
+            for b in stats:
+                dist.all_reduce(b)
+                b.div_(world)
         test_loss, test_acc, _ = evaluate(engine, test, in_dtype, device, len(classes))
         row = {"epoch": epoch + 1, "train_loss": e_loss / e_n, "train_accuracy": 100 * e_correct / e_n,
                "test_loss": test_loss, "test_accuracy": test_acc, "lr": engine.get_lr()[0],
