@@ -253,3 +253,17 @@ def test_gpu_runs_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", DIR / "gpu_runs.sh"]).returncode == 0
     assert os.access(DIR / "gpu_runs.sh", os.X_OK)
 
+
+
+def test_fp16_without_zero_is_refused_with_a_fix():
+    """DeepSpeed 0.19.x fp16 without ZeRO shrinks every update (DEEPSPEED_NOTES 1): on a GPU, --dtype fp16 with
+    the default (no-ZeRO) config stops with a one-line fix instead of training badly; the fp16 config passes."""
+    spec = importlib.util.spec_from_file_location("ex03_fp16", REPO / EX / "train_ds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.parse_args(["--deepspeed", "--dtype", "fp16"])
+    with pytest.raises(mod.UsageError, match="fp16 needs zero_optimization.stage >= 1"):
+        mod.finalize_config(mod.read_config(args.deepspeed_config, 1), args, 10, False, lambda *a: None)
+    args = mod.parse_args(["--deepspeed_config", str(REPO / EX / "ds_config_fp16.json")])
+    cfg, dtype = mod.finalize_config(mod.read_config(args.deepspeed_config, 1), args, 10, False, lambda *a: None)
+    assert dtype == "fp16" and cfg["fp16"]["enabled"] and cfg["zero_optimization"]["stage"] == 1
