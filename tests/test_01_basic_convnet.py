@@ -193,3 +193,17 @@ def test_two_ranks_print_the_numbers_of_one_rank_with_the_same_global_batch(tmp_
     assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1.5), (a, b)
     assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1.5), (a, b)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.05), (a, b)
+
+
+def test_fp16_without_zero_is_refused_with_a_fix():
+    """DeepSpeed 0.19.x fp16 without ZeRO shrinks every update: as on a GPU, the shipped fp16 config with ZeRO
+    removed stops with a one-line fix; the shipped config (fp16 + ZeRO-1) passes."""
+    mod = load_module()
+    args = mod.parse_args([])
+    cfg = mod.read_config(args.deepspeed_config, 1)
+    cfg, dtype = mod.finalize_config(cfg, args, 10, False, lambda *a: None)
+    assert dtype == "fp16" and cfg["zero_optimization"]["stage"] == 1
+    cfg = mod.read_config(args.deepspeed_config, 1)
+    del cfg["zero_optimization"]
+    with pytest.raises(mod.UsageError, match="fp16 needs zero_optimization.stage >= 1"):
+        mod.finalize_config(cfg, args, 10, False, lambda *a: None)
