@@ -99,7 +99,8 @@ def checkpoints(tmp_path_factory):
 
 
 def comparable(metrics):
-    """metrics.json without what legitimately differs between two equal runs: timings and the flags."""
+    """metrics.json's per-epoch rows and final summary, without the timings (all two equal runs may
+    differ in)."""
     rows = [{k: v for k, v in e.items() if k not in TIMING} for e in metrics["epochs"]]
     final = {k: v for k, v in (metrics["final"] or {}).items() if k not in TIMING}
     return rows, final
