@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -75,9 +76,17 @@ def run_example(example, args=(), *, output_dir, ranks=1, launcher="deepspeed", 
         cmd = [sys.executable, str(script(example))]
     e = offline_env()
     e.update(env or {})
-    p = subprocess.run(cmd + args, cwd=cwd or output_dir.parent, env=e, capture_output=True, text=True,
-                       timeout=timeout)
-    return Run(p.returncode, p.stdout, p.stderr, output_dir)
+    # Own session: on timeout the launcher AND its ranks are killed (a surviving rank holding the pipes
+    # would keep communicate() waiting past the timeout), and the test fails instead of hanging.
+    p = subprocess.Popen(cmd + args, cwd=cwd or output_dir.parent, env=e, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return Run(p.returncode, out, err, output_dir)
 
 
 def assert_clean_error(run, *needles):
