@@ -338,6 +338,19 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def release_shm_buffer():
+    """DeepSpeed's CPU all-reduce (its shm comm op, on a machine without GPUs) never unlinks the ~66 MB
+    shared-memory buffer each rank creates, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>:
+    RAM lost until reboot, per rank and run. Every peer maps it at start-up, so removing the name at exit
+    is safe; on GPUs there is no such file."""
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR')}_{env.get('MASTER_PORT')}_{env.get('RANK')}"
+    try:
+        os.remove(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
+
+
 def all_agree(ok, device):
     """True only if `ok` holds on every rank, so a failure on one rank stops all of them together."""
     flag = torch.tensor([0.0 if ok else 1.0], device=device)
@@ -718,5 +731,11 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         code = 130
     if dist.is_initialized():
+        if code == 0:  # wait for every rank (rank 0 writes the last files) before tearing down: a rank
+            try:  # that exits while a peer is still connected can abort at exit (seen once: SIGABRT, gloo)
+                dist.barrier()
+            except RuntimeError:  # a peer already gone (it failed, and said why)
+                pass
         dist.destroy_process_group()
+    release_shm_buffer()
     sys.exit(code)

@@ -207,3 +207,17 @@ def test_fp16_without_zero_is_refused_with_a_fix():
     del cfg["zero_optimization"]
     with pytest.raises(mod.UsageError, match="fp16 needs zero_optimization.stage >= 1"):
         mod.finalize_config(cfg, args, 10, False, lambda *a: None)
+
+
+def test_two_rank_cpu_run_leaves_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU all-reduce never unlinks its ~66 MB /dev/shm buffer per rank; the script does."""
+    import glob
+    import os
+
+    def buffers():
+        return set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+    before = buffers()
+    r = run_example(EX, ["--epochs", "1", "--max-steps", "5"], output_dir=tmp_path / "o", ranks=2)
+    assert r.rc == 0, r
+    assert buffers() <= before, buffers() - before

@@ -38,7 +38,7 @@ SCRIPTS = {e: (REPO / e / "train_ds.py") for e in EXAMPLES}
 SHARED = {
     ("01_basic_convnet", "02_cifar10", "03_cifar10_basic"): [
         "UsageError", "Parser", "master_weights", "read_config", "setup_distributed", "all_agree", "reduce_sum",
-        "atomic_write", "save_checkpoint", "resume_dir", "plot_curves", "init_wandb", "write_metrics", "_writable"],
+        "release_shm_buffer", "atomic_write", "save_checkpoint", "resume_dir", "plot_curves", "init_wandb", "write_metrics", "_writable"],
     ("01_basic_convnet", "02_cifar10"): ["DeviceBatches"],
 }
 
