@@ -883,6 +883,8 @@ if __name__ == "__main__":
     except UsageError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
+        else:  # the launcher kills every rank once one exits: give rank 0 time to print the reason
+            time.sleep(3)
         code = 2
     except KeyboardInterrupt:
         code = 130
