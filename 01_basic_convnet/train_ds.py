@@ -571,24 +571,21 @@ def main(argv=None):
                     s.copy_(b)
             loss, logits = forward_loss(engine, images.to(in_dtype), labels, args)
             engine.backward(loss)
-            norm = None
+            norm, bad = None, False
             boundary = engine.is_gradient_accumulation_boundary()
             if own_skip and boundary:
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads)  # grads are already all-reduced here
-                if not torch.isfinite(norm):  # one host read; DeepSpeed does the same on its skip paths
+                bad = not torch.isfinite(norm)  # one host read; DeepSpeed does the same on its skip paths
+                if bad:
                     engine.zero_grad()
-                    skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
-                    for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
-                        b.copy_(s)
-                    if consecutive_bad >= args.max_bad_steps:
-                        break
-                    continue
-            skipped_before = engine.skipped_steps
-            engine.step()
-            if engine.skipped_steps != skipped_before:  # non-finite grads/fp16 overflow, same on all ranks
+            if not bad:
+                skipped_before = engine.skipped_steps
+                engine.step()
+                bad = engine.skipped_steps != skipped_before  # non-finite grads/fp16 overflow, same on all ranks
+            if bad:  # skipped on every rank: count it and undo the bad batch's BatchNorm update
                 skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
-                for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
+                for b, s in zip(stats, saved):
                     b.copy_(s)
                 if consecutive_bad >= args.max_bad_steps:
                     break

@@ -711,30 +711,27 @@ def main(argv=None):
                     s.copy_(b)
             loss, logits = forward_loss(engine, images.to(in_dtype), labels, args)
             engine.backward(loss)
-            norm = None
+            norm, bad = None, False
             boundary = engine.is_gradient_accumulation_boundary()
             if own_skip and boundary:
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads)  # grads are already all-reduced here
-                if not torch.isfinite(norm):  # one host read; DeepSpeed does the same on its skip paths
+                bad = not torch.isfinite(norm)  # one host read; DeepSpeed does the same on its skip paths
+                if bad:
                     engine.zero_grad()
-                    skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
-                    for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
-                        b.copy_(s)
-                    if consecutive_bad >= args.max_bad_steps:
-                        break
-                    continue
-            scale = None
-            if scaler is not None and boundary:  # host read; GradScaler.step reads its inf flag anyway
-                scale = scaler.get_scale()
-                norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
-                                                      if p.grad is not None]) / scale  # true, unscaled
-            skipped_before = engine.skipped_steps
-            engine.step()
-            if engine.skipped_steps != skipped_before or (scale is not None and scaler.get_scale() < scale):
-                # non-finite grads (the GradScaler then halves its scale), same on all ranks
+            if not bad:
+                scale = None
+                if scaler is not None and boundary:  # host read; GradScaler.step reads its inf flag anyway
+                    scale = scaler.get_scale()
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
+                                                          if p.grad is not None]) / scale  # true, unscaled
+                skipped_before = engine.skipped_steps
+                engine.step()
+                # non-finite grads (a GradScaler then halves its scale), the same on all ranks
+                bad = engine.skipped_steps != skipped_before or (scale is not None and scaler.get_scale() < scale)
+            if bad:  # skipped on every rank: count it and undo the bad batch's BatchNorm update
                 skipped, consecutive_bad = skipped + 1, consecutive_bad + 1
-                for b, s in zip(stats, saved):  # undo the bad batch's BatchNorm update
+                for b, s in zip(stats, saved):
                     b.copy_(s)
                 if consecutive_bad >= args.max_bad_steps:
                     break
@@ -801,7 +798,7 @@ def main(argv=None):
             best = sel_acc
             weights = master_weights(engine)  # every rank: a collective under ZeRO
             if is_main:  # plain PyTorch state dict of the best model, loadable without DeepSpeed
-                atomic_write(os.path.join(args.output_dir, "model.pt"), lambda tmp, w=weights: torch.save(w, tmp))
+                atomic_write(os.path.join(args.output_dir, "model.pt"), lambda tmp: torch.save(weights, tmp))
         stopped_early = patience_used >= args.patience
         state = {"example": EXAMPLE, "epoch": epoch, "history": history, "best_selection_accuracy": best,
                  "best_loss": best_loss, "patience_used": patience_used,
@@ -834,7 +831,7 @@ def main(argv=None):
              "best_val_accuracy": best if val else None,
              "test_loss": test_loss, "train_loss": last["train_loss"], "quality": tier,
              "epochs_completed": last["epoch"], "stopped_early": stopped_early,
-             "wall_time_s": wall_before + time.time() - start, "per_class_accuracy": dict(zip(class_names, per_class, strict=True)),
+             "wall_time_s": wall_before + time.time() - start, "per_class_accuracy": dict(zip(class_names, per_class)),
              "parameters": n_params, "dtype": dtype, "global_batch_size": global_batch}
     if is_main:
         write_metrics(args, cfg, world, history, final)
@@ -847,7 +844,7 @@ def main(argv=None):
         say(f"  test accuracy  {test_acc:.2f}% (best epoch {final['best_test_accuracy']:.2f}%), test loss {test_loss:.4f}")
         if val:
             say(f"  val accuracy   {history[-1]['val_accuracy']:.2f}% (best epoch {best:.2f}%: model.pt)")
-        say("  per class      " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(class_names, per_class, strict=True)))
+        say("  per class      " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(class_names, per_class)))
         say(f"Quality (held-out test accuracy): {tier}: {text}")
         if args.dataset == "synthetic":
             say("  note: synthetic data (shifted colour prototypes + noise); real CIFAR-10: --dataset cifar10")
