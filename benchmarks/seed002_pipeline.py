@@ -5,7 +5,7 @@ What is reproduced, from the seed's README (/work/shared/seeds/002_*.txt) and th
   `__getitem__` as torchvision.datasets.CIFAR10), RandomCrop(32, padding=4) + RandomHorizontalFlip +
   ToTensor + Normalize, fed by `DataLoader(batch_size=32, shuffle=True, num_workers=2)`; workers
   start afresh every epoch (no persistent_workers), as in the seed;
-- model: the seed's CIFAR10CNNEnhanced, copied below as written (268,746 parameters);
+- model: the seed's CIFAR10CNNEnhanced (268,746 parameters), taken from 02_cifar10, which ships it as written;
 - engine: deepspeed.initialize with the seed's ds_config.json (SGD lr 0.01 momentum 0.9, clipping 1.0,
   fp32, no ZeRO); LR set by hand once per epoch (warmup + cosine, `get_lr_schedule`);
 - per step: `torch.isfinite(loss)` check, the per-parameter `.item()` gradient-norm loop, the
@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision.transforms as transforms
+from plain_loop import load_example
 from torch.utils.data import DataLoader, Dataset
 
 SEED_CONFIG = {  # the seed's ds_config.json, verbatim
@@ -39,37 +39,10 @@ SEED_CONFIG = {  # the seed's ds_config.json, verbatim
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
-# ============================================================================ model (as written)
-class CIFAR10CNNEnhanced(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=1, padding=1)
-        self.bn2 = nn.BatchNorm2d(32)
-        self.fc1 = nn.Linear(32 * 8 * 8, 128)
-        self.fc2 = nn.Linear(128, 10)
-        self._initialize_weights()
-
-    def _initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                m.weight.data.mul_(0.5)
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.bn1(self.conv1(x))))
-        x = self.pool(F.relu(self.bn2(self.conv2(x))))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        return self.fc2(x)
+# ============================================================================ model
+# The seed's CIFAR10CNNEnhanced is the class 02_cifar10 ships (same layers and init); use that one, so the
+# comparison is on the same model by construction.
+CIFAR10CNNEnhanced = load_example("02_cifar10").CIFAR10CNNEnhanced
 
 
 def get_lr_schedule(epoch, initial_lr=0.001, warmup_epochs=5, total_epochs=50):

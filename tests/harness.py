@@ -2,6 +2,7 @@
 on small generated data, and read back what it left behind. Point it at any example folder by name."""
 
 import gzip
+import importlib.util
 import json
 import os
 import pickle
@@ -23,6 +24,14 @@ EXAMPLES = ["01_basic_convnet", "02_cifar10", "03_cifar10_basic"]
 
 def script(example):
     return REPO / example / "train_ds.py"
+
+
+def load_example(example):
+    """Import `example`'s train_ds.py as a module (the folders are not packages), for in-process checks."""
+    spec = importlib.util.spec_from_file_location(f"ex_{example}", script(example))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def free_port():
@@ -87,6 +96,32 @@ def run_example(example, args=(), *, output_dir, ranks=1, launcher="deepspeed", 
         p.communicate()
         raise
     return Run(p.returncode, out, err, output_dir)
+
+
+# The contract's bad-input cases every example must reject in one or two lines (tests/test_0N_* run them
+# with the example's own extra cases; tests/test_faults.py adds the wider battery).
+CONTRACT_BAD_INPUT = ["malformed", "missing", "optimizer", "epochs0", "resume_empty", "unwritable"]
+
+
+def contract_bad_input(example, case, tmp_path):
+    """(extra args, words the error must contain) for one of CONTRACT_BAD_INPUT."""
+    if case == "malformed":
+        cfg = tmp_path / "bad.json"
+        cfg.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
+        return ["--deepspeed_config", cfg], ["not valid JSON"]
+    if case == "missing":
+        return ["--deepspeed_config", tmp_path / "nope.json"], ["not found"]
+    if case == "optimizer":
+        cfg = write_config(example, tmp_path / "c.json", lambda c: c["optimizer"].update(type="Adamm"))
+        return ["--deepspeed_config", cfg], ["unknown optimizer", "Adamm"]
+    if case == "epochs0":
+        return ["--epochs", "0"], ["--epochs"]
+    if case == "resume_empty":
+        (tmp_path / "empty").mkdir()
+        return ["--resume", tmp_path / "empty"], ["no checkpoint"]
+    assert case == "unwritable", case
+    (tmp_path / "file").write_text("x")
+    return ["--output-dir", tmp_path / "file" / "out"], ["cannot write"]
 
 
 def assert_clean_error(run, *needles):

@@ -7,22 +7,15 @@ Runs on the GPU when there is one (fp16/bf16 checks), else on the CPU (gloo)."""
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import torch
+from harness import load_example
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_example(example):
-    spec = importlib.util.spec_from_file_location(f"ex_{example}", REPO / example / "train_ds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def reference_lr(cfg, k):

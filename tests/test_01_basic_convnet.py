@@ -1,22 +1,24 @@
 """01_basic_convnet, run for real on the CPU through the deepspeed launcher, torchrun and plain python."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-from harness import REPO, assert_clean_error, make_mnist_idx, offline_env, run_example, write_config
+from harness import (
+    CONTRACT_BAD_INPUT,
+    REPO,
+    assert_clean_error,
+    contract_bad_input,
+    load_example,
+    make_mnist_idx,
+    offline_env,
+    run_example,
+    write_config,
+)
 
 EX = "01_basic_convnet"
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("ex01", REPO / EX / "train_ds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_two_ranks_print_once(two_rank_run):
 
 
 def test_model_pt_loads_without_deepspeed(two_rank_run):
-    mod = load_module()
+    mod = load_example(EX)
     model = mod.CNNModelEnhanced()
     model.load_state_dict(torch.load(two_rank_run.output_dir / "model.pt", weights_only=True))
     assert sum(p.numel() for p in model.parameters()) == 215_370
@@ -61,7 +63,7 @@ def test_model_pt_loads_without_deepspeed(two_rank_run):
 
 
 def test_sharding_covers_each_sample_once():
-    mod = load_module()
+    mod = load_example(EX)
     x, y = torch.arange(100).float().view(100, 1), torch.arange(100)
     for epoch in (0, 1):
         seen = []
@@ -129,30 +131,13 @@ def test_mnist_offline_without_files(tmp_path):
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("case", ["malformed", "missing", "optimizer", "epochs0", "resume_empty", "unwritable",
-                                  "batch_for_one_gpu"])
+@pytest.mark.parametrize("case", CONTRACT_BAD_INPUT + ["batch_for_one_gpu"])
 def test_bad_input(tmp_path, case):
-    args, needles = [], []
-    if case == "malformed":
-        cfg = tmp_path / "bad.json"
-        cfg.write_text('{"train_micro_batch_size_per_gpu": 32,,}')
-        args, needles = ["--deepspeed_config", cfg], ["not valid JSON"]
-    elif case == "missing":
-        args, needles = ["--deepspeed_config", tmp_path / "nope.json"], ["not found"]
-    elif case == "optimizer":
-        cfg = write_config(EX, tmp_path / "c.json", lambda c: c["optimizer"].update(type="Adamm"))
-        args, needles = ["--deepspeed_config", cfg], ["unknown optimizer", "Adamm"]
-    elif case == "epochs0":
-        args, needles = ["--epochs", "0"], ["--epochs"]
-    elif case == "resume_empty":
-        (tmp_path / "empty").mkdir()
-        args, needles = ["--resume", tmp_path / "empty"], ["no checkpoint"]
-    elif case == "unwritable":
-        (tmp_path / "file").write_text("x")
-        args, needles = ["--output-dir", tmp_path / "file" / "out"], ["cannot write"]
-    elif case == "batch_for_one_gpu":
+    if case == "batch_for_one_gpu":
         cfg = write_config(EX, tmp_path / "c.json", lambda c: c.update(train_batch_size=32))
         args, needles = ["--deepspeed_config", cfg], ["train_batch_size"]
+    else:
+        args, needles = contract_bad_input(EX, case, tmp_path)
     out = tmp_path / "o"
     launcher, ranks = ("deepspeed", 2) if case == "batch_for_one_gpu" else ("python", 1)
     r = run_example(EX, args, output_dir=out, launcher=launcher, ranks=ranks)
@@ -198,7 +183,7 @@ def test_two_ranks_print_the_numbers_of_one_rank_with_the_same_global_batch(tmp_
 def test_fp16_without_zero_is_refused_with_a_fix():
     """DeepSpeed 0.19.x fp16 without ZeRO shrinks every update: as on a GPU, the shipped fp16 config with ZeRO
     removed stops with a one-line fix; the shipped config (fp16 + ZeRO-1) passes."""
-    mod = load_module()
+    mod = load_example(EX)
     args = mod.parse_args([])
     cfg = mod.read_config(args.deepspeed_config, 1)
     cfg, dtype = mod.finalize_config(cfg, args, 10, False, lambda *a: None)

@@ -1,7 +1,6 @@
 """02_cifar10, run for real on the CPU (gloo) on small generated data. The machine running CI is small:
 every run here uses a few hundred images and --max-steps or 1-3 epochs."""
 
-import importlib.util
 import json
 import pickle
 import subprocess
@@ -10,8 +9,11 @@ import sys
 import pytest
 import torch
 from harness import (
+    CONTRACT_BAD_INPUT,
     REPO,
     assert_clean_error,
+    contract_bad_input,
+    load_example,
     make_cifar_pickles,
     make_imagefolder,
     offline_env,
@@ -21,13 +23,6 @@ from harness import (
 
 EX = "02_cifar10"
 SMALL = lambda c: c.update(train_micro_batch_size_per_gpu=16)  # noqa: E731 - more steps on tiny data
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("ex02", REPO / EX / "train_ds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +68,7 @@ def test_two_ranks_print_once(two_rank_run):
 
 
 def test_model_pt_loads_without_deepspeed(two_rank_run):
-    mod = load_module()
+    mod = load_example(EX)
     assert sum(p.numel() for p in mod.build_model().parameters()) == 268_746  # seed 002's model, 10 classes
     model = mod.CIFAR10CNNEnhanced(num_classes=3)
     model.load_state_dict(torch.load(two_rank_run.output_dir / "model.pt", weights_only=True))
@@ -91,7 +86,7 @@ def test_synthetic_two_ranks_max_steps(tmp_path):
 
 
 def test_augmentation_sharding_and_determinism():
-    mod = load_module()
+    mod = load_example(EX)
     x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(50)
     dev = torch.device("cpu")
@@ -134,7 +129,7 @@ def test_cifar10_loader_reads_official_pickles(tmp_path, monkeypatch):
     root = cifar_pickles_with_str_keys(tmp_path / "data", n_train=500, n_test=100)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)  # batches.meta md5
-    mod = load_module()
+    mod = load_example(EX)
     x, y = mod.load_cifar10(str(root), True, download=True)  # "already downloaded": no network used
     assert x.shape == (500, 3, 32, 32) and x.dtype == torch.uint8
     assert y.dtype == torch.long and y.min() == 0 and y.max() == 9
@@ -197,7 +192,7 @@ def test_fp16_falls_back_on_cpu(tmp_path):
 
 
 def test_fp16_config_maps_to_autocast_without_zero():
-    mod = load_module()
+    mod = load_example(EX)
     args = mod.parse_args(["--dtype", "fp16"])
     cfg = mod.read_config(args.deepspeed_config, 1)
     cfg["zero_optimization"] = {"stage": 1}  # a user's ZeRO config: fp16 autocast must drop ZeRO
@@ -209,27 +204,12 @@ def test_fp16_config_maps_to_autocast_without_zero():
     assert dtype == "fp32" and "torch_autocast" not in cfg and "zero_optimization" not in cfg
 
 
-@pytest.mark.parametrize("case", ["malformed", "missing", "optimizer", "epochs0", "resume_empty", "unwritable",
-                                  "missing_test_class", "not_an_image", "no_test_dir"])
+@pytest.mark.parametrize("case", CONTRACT_BAD_INPUT + ["missing_test_class", "not_an_image", "no_test_dir"])
 def test_bad_input(tmp_path, case):
     args, needles = ["--dataset", "synthetic"], []
-    if case == "malformed":
-        cfg = tmp_path / "bad.json"
-        cfg.write_text('{"train_micro_batch_size_per_gpu": 32,,}')
-        args, needles = args + ["--deepspeed_config", cfg], ["not valid JSON"]
-    elif case == "missing":
-        args, needles = args + ["--deepspeed_config", tmp_path / "nope.json"], ["not found"]
-    elif case == "optimizer":
-        cfg = write_config(EX, tmp_path / "c.json", lambda c: c["optimizer"].update(type="SGDD"))
-        args, needles = args + ["--deepspeed_config", cfg], ["unknown optimizer", "SGDD"]
-    elif case == "epochs0":
-        args, needles = args + ["--epochs", "0"], ["--epochs"]
-    elif case == "resume_empty":
-        (tmp_path / "empty").mkdir()
-        args, needles = args + ["--resume", tmp_path / "empty"], ["no checkpoint"]
-    elif case == "unwritable":
-        (tmp_path / "file").write_text("x")
-        args, needles = args + ["--output-dir", tmp_path / "file" / "out"], ["cannot write"]
+    if case in CONTRACT_BAD_INPUT:
+        extra, needles = contract_bad_input(EX, case, tmp_path)
+        args = args + extra
     else:
         root = make_imagefolder(tmp_path / "imgs", n_train=30, n_test=15)
         if case == "missing_test_class":

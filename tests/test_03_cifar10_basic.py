@@ -1,7 +1,6 @@
 """03_cifar10_basic, run for real on the CPU: the seed's command line through the deepspeed launcher
 (1 and 2 ranks), each shipped config, the Python launcher main.py, resume, predict.py, bad input, parity."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from harness import (
+    CONTRACT_BAD_INPUT,
     REPO,
     assert_clean_error,
+    contract_bad_input,
     free_port,
+    load_example,
     make_imagefolder,
     offline_env,
     run_example,
-    write_config,
 )
 
 EX = "03_cifar10_basic"
@@ -31,13 +32,6 @@ SMALL = ["--dataset", "synthetic", "--synthetic-size", "800", "--log-interval", 
 
 def seed_flags(config="ds_config.json"):
     return ["--deepspeed", "--deepspeed_config", DIR / config]  # the seed's exact flags
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("ex03", DIR / "train_ds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run(args, out, **kw):
@@ -76,7 +70,7 @@ def test_two_ranks_print_once(two_rank_run):
 
 
 def test_model_pt_loads_without_deepspeed(two_rank_run):
-    mod = load_module()
+    mod = load_example(EX)
     model = mod.Net()
     model.load_state_dict(torch.load(two_rank_run.output_dir / "model.pt", weights_only=True))
     assert sum(p.numel() for p in model.parameters()) == 62_006
@@ -201,27 +195,12 @@ def test_readme_quotes_predict_py():
     assert blocks and all(line in src for b in blocks for line in b.strip().splitlines()), blocks
 
 
-@pytest.mark.parametrize("case", ["malformed", "missing", "optimizer", "epochs0", "resume_empty", "unwritable",
-                                  "imagefolder_missing", "imagefolder_corrupt", "cifar_offline"])
+@pytest.mark.parametrize("case", CONTRACT_BAD_INPUT + ["imagefolder_missing", "imagefolder_corrupt", "cifar_offline"])
 def test_bad_input(tmp_path, case):
     args, needles = SMALL, []
-    if case == "malformed":
-        cfg = tmp_path / "bad.json"
-        cfg.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
-        args, needles = args + ["--deepspeed_config", cfg], ["not valid JSON"]
-    elif case == "missing":
-        args, needles = args + ["--deepspeed_config", tmp_path / "nope.json"], ["not found"]
-    elif case == "optimizer":
-        cfg = write_config(EX, tmp_path / "c.json", lambda c: c["optimizer"].update(type="Adamm"))
-        args, needles = args + ["--deepspeed_config", cfg], ["unknown optimizer", "Adamm"]
-    elif case == "epochs0":
-        args, needles = args + ["--epochs", "0"], ["--epochs"]
-    elif case == "resume_empty":
-        (tmp_path / "empty").mkdir()
-        args, needles = args + ["--resume", tmp_path / "empty"], ["no checkpoint"]
-    elif case == "unwritable":
-        (tmp_path / "file").write_text("x")
-        args, needles = args + ["--output-dir", tmp_path / "file" / "out"], ["cannot write"]
+    if case in CONTRACT_BAD_INPUT:
+        extra, needles = contract_bad_input(EX, case, tmp_path)
+        args = args + extra
     elif case == "imagefolder_missing":
         (tmp_path / "data" / "train" / "cat").mkdir(parents=True)  # no test/ at all, no images in train/
         args, needles = ["--dataset", "imagefolder", "--data-dir", tmp_path / "data"], ["imagefolder", "train"]
@@ -258,9 +237,7 @@ def test_gpu_runs_script_is_valid_bash():
 def test_fp16_without_zero_is_refused_with_a_fix():
     """DeepSpeed 0.19.x fp16 without ZeRO shrinks every update (DEEPSPEED_NOTES 1): on a GPU, --dtype fp16 with
     the default (no-ZeRO) config stops with a one-line fix instead of training badly; the fp16 config passes."""
-    spec = importlib.util.spec_from_file_location("ex03_fp16", REPO / EX / "train_ds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_example(EX)
     args = mod.parse_args(["--deepspeed", "--dtype", "fp16"])
     with pytest.raises(mod.UsageError, match="fp16 needs zero_optimization.stage >= 1"):
         mod.finalize_config(mod.read_config(args.deepspeed_config, 1), args, 10, False, lambda *a: None)
