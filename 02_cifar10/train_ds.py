@@ -212,8 +212,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def load_imagefolder(root, say):
     """root/train/<class>/* and root/test/<class>/*, same class folders in both (sorted names = labels).
-    Decoded once, by loader worker processes (one image at a time is CPU-bound: 60,000 JPEGs take
-    ~30 s in one process), into uint8 tensors."""
+    Decoded once into uint8 tensors by one set of loader worker processes for both splits (decoding is
+    CPU-bound, one image at a time)."""
+    from torchvision.io import decode_image  # noqa: F401 - imported here once, not again in every worker
+
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # the node's ranks all decode
     splits = {}
@@ -228,17 +230,20 @@ def load_imagefolder(root, say):
         if not classes or empty:
             raise UsageError(f"--dataset imagefolder: no images in {os.path.join(d, empty[0]) if empty else d}")
         say(f"Loading    : {len(files):,} {split} images from {d}")
-        paths = [path for path, _ in files]
-        loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=500, num_workers=workers if workers > 1 else 0)
-        images, ok = (torch.cat(parts) for parts in zip(*loader))
-        if not ok.all():
-            raise UsageError(f"--dataset imagefolder: cannot read image {paths[int((~ok).nonzero()[0])]}; "
-                             f"remove or replace the file")
-        splits[split] = (images, torch.tensor([lab for _, lab in files], dtype=torch.long), classes)
-    if splits["train"][2] != splits["test"][2]:
-        raise UsageError(f"--dataset imagefolder: class folders differ between train/ ({', '.join(splits['train'][2])}) "
-                         f"and test/ ({', '.join(splits['test'][2])})")
-    return splits["train"][:2], splits["test"][:2], splits["train"][2]
+        splits[split] = files, classes
+    (train, classes), (test, test_classes) = splits["train"], splits["test"]
+    if classes != test_classes:
+        raise UsageError(f"--dataset imagefolder: class folders differ between train/ ({', '.join(classes)}) "
+                         f"and test/ ({', '.join(test_classes)})")
+    paths = [path for path, _ in train + test]
+    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=500, num_workers=workers if workers > 1 else 0)
+    images, ok = (torch.cat(parts) for parts in zip(*loader))
+    if not ok.all():
+        raise UsageError(f"--dataset imagefolder: cannot read image {paths[int((~ok).nonzero()[0])]}; "
+                         f"remove or replace the file")
+    labels = torch.tensor([lab for _, lab in train + test], dtype=torch.long)
+    n = len(train)
+    return (images[:n], labels[:n]), (images[n:], labels[n:]), classes
 
 
 def load_data(args, is_main, device, say):
