@@ -13,7 +13,9 @@ What it measures, on one device and the same data, in one run:
       (the output says so). seed_2cpu pins the whole process and its workers to 2 cores.
   plain           a plain PyTorch loop (no DeepSpeed) on 02's model, 02's on-device data + augmentation path
       (imported from 02_cifar10/train_ds.py) and 02's fast config (batch 512); step time = epoch time / steps,
-      as for 02 (both include the per-epoch test pass).
+      as for 02 (both include the per-epoch test pass, with test-time flip when --fast-args has --tta-flip).
+  plain_check     the same plus 02's own non-finite check (global grad norm, one host read per step), to
+      show what that check costs apart from DeepSpeed.
 Ratios and absolute targets are then judged PASS/MISS (see TARGETS). --cpu runs a small version with no
 GPU: the examples' --max-steps 50 smokes on synthetic data, plus tiny seed/plain runs on random tensors.
 
@@ -48,9 +50,10 @@ CIFAR_TRAIN = 50_000  # images in a full CIFAR-10 training epoch (for extrapolat
 STEP_LINE = re.compile(r"\|\s*([\d,]+) img/s\s*$")  # the examples' per-interval step lines end like this
 
 # ============================================================================ parts and targets
-GPU_PARTS = ["01", "03", "03_fp16", "03_zero2", "02_fast", "02_seed", "02_seed_2cpu", "seed", "seed_2cpu", "plain"]
+GPU_PARTS = ["01", "03", "03_fp16", "03_zero2", "02_fast", "02_seed", "02_seed_2cpu", "seed", "seed_2cpu", "plain",
+             "plain_check"]
 CPU_PARTS = ["smoke_01", "smoke_02", "smoke_03", "seed", "plain"]
-IN_PROCESS = {"seed", "seed_2cpu", "plain"}
+IN_PROCESS = {"seed", "seed_2cpu", "plain", "plain_check"}
 
 # (key, what, value: part.field or (numerator, denominator), comparison, goal, unit, mode)
 TARGETS = [
@@ -402,12 +405,15 @@ def run_plain_part(name, ctx):
     if args.cpu:  # tiny data: a small batch so that there are several steps
         cfg["train_micro_batch_size_per_gpu"] = 32
     ex02 = plain_loop.load_example("02_cifar10")
+    check = name == "plain_check"
     ctx.reset_peak()
     t0 = time.perf_counter()
-    rows = plain_loop.run(ex02, train, test, cfg, ctx.device, epochs=args.plain_epochs, label_smoothing=smoothing)
+    rows = plain_loop.run(ex02, train, test, cfg, ctx.device, epochs=args.plain_epochs, label_smoothing=smoothing,
+                          tta_flip="--tta-flip" in fast, skip_check=check)
     steady = rows[1:] or rows
     return {"what": f"plain PyTorch loop, 02's model + on-device data path, ds_config_fast.json settings "
-                    f"(batch {cfg['train_micro_batch_size_per_gpu']}), {len(rows)} epochs",
+                    f"(batch {cfg['train_micro_batch_size_per_gpu']}), {len(rows)} epochs"
+                    + (", plus 02's per-step non-finite check (grad norm, one host read)" if check else ""),
             "command": "in-process (benchmarks/plain_loop.py)", "rc": 0, "wall_s": time.perf_counter() - t0,
             "batch": cfg["train_micro_batch_size_per_gpu"], "epochs_run": len(rows),
             "epoch_s": statistics.median(r["epoch_s"] for r in steady),

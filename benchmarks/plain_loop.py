@@ -38,17 +38,23 @@ def warmup_cosine(total_steps, warmup_steps):
 
 
 @torch.no_grad()
-def test_accuracy(model, batches):
+def test_accuracy(model, batches, tta_flip=False):
     model.eval()
     hits = torch.zeros((), device=batches.images.device, dtype=torch.float64)
     for x, y in batches:
-        hits += (model(x).argmax(1) == y).sum()
+        logits = model(x)
+        if tta_flip:  # like 02's --tta-flip: average with the mirrored image's logits
+            logits = (logits + model(x.flip(3))) / 2
+        hits += (logits.argmax(1) == y).sum()
     model.train()
     return 100.0 * hits.item() / len(batches.labels)
 
 
-def run(ex02, train, test, cfg, device, epochs, label_smoothing=0.0, warmup_epochs=5.0, max_steps=0, seed=42):
+def run(ex02, train, test, cfg, device, epochs, label_smoothing=0.0, warmup_epochs=5.0, max_steps=0, seed=42,
+        tta_flip=False, skip_check=False):
     """Train 02's model with a plain loop. train/test: (uint8 [N, 3, 32, 32], int64 [N]) CPU tensors.
+    skip_check=True adds 02's own non-finite check (fp32 without ZeRO): the global grad norm and one host
+    read of isfinite(norm) per step, to measure what that check costs on its own.
     Returns per-epoch rows (steps, train_s, epoch_s incl. test pass, test_accuracy)."""
     torch.manual_seed(seed)
     model = ex02.build_model().to(device)
@@ -69,6 +75,10 @@ def run(ex02, train, test, cfg, device, epochs, label_smoothing=0.0, warmup_epoc
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if skip_check:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                if not torch.isfinite(norm):  # host read, as in 02
+                    continue
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
@@ -80,7 +90,7 @@ def run(ex02, train, test, cfg, device, epochs, label_smoothing=0.0, warmup_epoc
                 break
         loss_sum, correct, n = sums.tolist()  # one host read per epoch
         train_s = time.perf_counter() - t0
-        acc = test_accuracy(model, test_b)
+        acc = test_accuracy(model, test_b, tta_flip)
         rows.append({"epoch": epoch + 1, "steps": steps, "train_s": train_s, "epoch_s": time.perf_counter() - t0,
                      "train_loss": loss_sum / n, "train_accuracy": 100.0 * correct / n, "test_accuracy": acc})
         if max_steps and done >= max_steps:
