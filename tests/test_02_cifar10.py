@@ -243,3 +243,26 @@ def test_parity_with_plain_pytorch(dtype, tol):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["moved"] > 0.1, res  # the steps really trained
     assert res["relative"] < tol, res
+
+
+def test_own_clipping_matches_deepspeeds(tmp_path):
+    """fp32 without ZeRO: the script clips with the global norm it takes anyway for its non-finite check
+    (DeepSpeed's own fp32 clipping is slow, see train_ds.py); under ZeRO-1 DeepSpeed clips. 30 steps with a
+    tight clip: the same weights either way, far from a run with clipping off."""
+    def run(name, stage, clip):
+        cfg = write_config(EX, tmp_path / f"{name}.json",
+                           lambda c: c.update(gradient_clipping=clip, zero_optimization={"stage": stage},
+                                             zero_allow_untested_optimizer=True))  # torch SGD under ZeRO
+        r = run_example(EX, ["--dataset", "synthetic", "--epochs", "1", "--max-steps", "30", "--deepspeed_config", cfg],
+                        output_dir=tmp_path / name, launcher="python")
+        assert r.rc == 0, r
+        assert f"gradient clipping {clip:g} |" in r.stdout, r
+        return torch.load(r.output_dir / "model.pt", weights_only=True)
+
+    own, ds, off = run("own", 0, 0.05), run("ds", 1, 0.05), run("off", 0, 0.0)
+
+    def dist(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+
+    assert dist(own, ds) < 1e-5, dist(own, ds)
+    assert dist(own, off) > 1e-2, dist(own, off)  # clipping really changed the updates
