@@ -7,7 +7,8 @@ Runs, one after another in this process (each part alone on the GPU):
   cprofile   02_cifar10/train_ds.py main() with ds_config_fast.json under cProfile, then the plain loop
              (benchmarks/plain_loop.py, same model, data path and batch) under cProfile;
   torch      the same two under torch.profiler (CPU + CUDA), tables by self CUDA and self CPU time.
-Writes DIR/<part>_<ds|plain>.txt. cProfile's tottime of Tensor.__bool__ / .item / .tolist is time the
+Writes DIR/imports.txt, DIR/load.txt (load_imagefolder's wall) and DIR/<cprofile|torch>_<ds|plain>.txt.
+cProfile's tottime of Tensor.__bool__ / .item / .tolist is time the
 host spent waiting for the GPU; torch.profiler's CUDA totals say how busy the GPU was.
 """
 
