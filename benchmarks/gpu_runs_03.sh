@@ -2,7 +2,7 @@
 # GPU runs for 03_cifar10_basic's README "Results" (lead runs this on an H100 box).
 # Needs: torch + torchvision + deepspeed, CIFAR-10 as JPEGs in /tmp/cifar10-jpeg/{train,test}/<class>/,
 # and $OUT (outputs: $OUT/03/<name>/ and logs $OUT/03_<name>.log).
-#   OUT=/path/to/out bash 03_cifar10_basic/gpu_runs.sh
+#   OUT=/path/to/out bash benchmarks/gpu_runs_03.sh
 # 1. a 2,000-step run to time one step (batch 4: 12,500 steps per epoch on 1 GPU),
 # 2. the seed's default 2-epoch run, 3. 20 epochs with each config, the three at once in the background.
 set -u
