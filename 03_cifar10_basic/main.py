@@ -1,6 +1,6 @@
-"""Python launcher: builds and runs the deepspeed command for train_ds.py (the seed's cifar10_main.py).
+"""Python launcher: builds and runs the `deepspeed` command for train_ds.py.
 
-  python main.py --num_gpus 2                                  # = deepspeed --num_gpus=2 train_ds.py ...
+  python main.py --num_gpus 2            # = deepspeed --num_gpus=2 train_ds.py --deepspeed ...
   python main.py --num_gpus 2 --config ds_config_zero2.json -- --epochs 10 --dataset synthetic
 Everything after `--` goes to train_ds.py. The exit code is train_ds.py's (through the launcher).
 Standard library only, so it runs under any Python that can see the `deepspeed` command."""
@@ -27,7 +27,7 @@ def main(argv=None):
     own = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num_gpus", "--num-gpus", type=int, default=None,
-                   help="GPUs (processes) on this machine (default: all, the deepspeed launcher's default)")
+                   help="GPUs (processes) on this machine (default: all, as the launcher does)")
     p.add_argument("--config", default=os.path.join(HERE, "ds_config.json"),
                    help="DeepSpeed config (default: ds_config.json next to this file)")
     p.add_argument("--master_port", "--master-port", type=int, default=None,
@@ -37,15 +37,16 @@ def main(argv=None):
         p.error("--num_gpus must be at least 1")
     deepspeed = find_deepspeed()
     if deepspeed is None:
-        print("error: the `deepspeed` command is not on PATH (nor next to this Python); "
-              "pip install deepspeed, or activate the environment that has it", file=sys.stderr)
+        print("error: the `deepspeed` command is not on PATH (nor next to this Python); pip "
+              "install deepspeed, or activate the environment that has it", file=sys.stderr)
         return 2
     cmd = [deepspeed]
     if args.num_gpus is not None:
         cmd.append(f"--num_gpus={args.num_gpus}")
     if args.master_port is not None:
         cmd.append(f"--master_port={args.master_port}")
-    cmd += [os.path.join(HERE, "train_ds.py"), "--deepspeed", "--deepspeed_config", args.config, *extra]
+    cmd += [os.path.join(HERE, "train_ds.py"), "--deepspeed", "--deepspeed_config", args.config,
+            *extra]
     print("+ " + " ".join(cmd), flush=True)
     try:
         return subprocess.call(cmd)

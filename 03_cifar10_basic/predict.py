@@ -1,54 +1,81 @@
-"""Classify images with a trained model, without DeepSpeed at run time.
+"""Classify your own images with the model.pt a training run wrote; no GPU needed.
 
-  python predict.py cat.png ship.jpg                       # runs/03_cifar10_basic/model.pt
-  python predict.py --model runs/x/model.pt cat.png         # another run's model.pt
-  python predict.py --zero-checkpoint runs/x/checkpoints cat.png   # a ZeRO-1/2 run's checkpoint
-Images of any size are resized to 32x32 and normalized as in training. Class names come from the run's
-metrics.json next to model.pt when there is one (an imagefolder run), else the CIFAR-10 names."""
+  python predict.py cat.png ship.jpg                      # runs/03_cifar10_basic/model.pt
+  python predict.py --model runs/fast/model.pt photos/    # every image in a folder
+Prints the three likeliest classes of each image. Images of any size are converted to RGB and
+resized to 32x32, then normalized as in training. An imagefolder run's class names come from the
+metrics.json beside model.pt.
+"""
 
 import argparse
 import json
 import os
+import sys
 
 import torch
-from PIL import Image
-from torchvision import transforms
-from train_ds import CLASSES, NORMALIZE, Net
+from train_ds import CLASSES, Net, normalize
+
+EXAMPLE, MODEL = "03_cifar10_basic", Net
 
 
-def load_weights(args):
-    if args.zero_checkpoint:
-        # A ZeRO checkpoint keeps fp32 weights split across ranks' optimizer files: consolidate them.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(args.zero_checkpoint)
-    return torch.load(args.model, map_location="cpu", weights_only=True)  # a plain state dict
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("images", nargs="+", help="image files to classify")
-    p.add_argument("--model", default="runs/03_cifar10_basic/model.pt", help="a run's model.pt")
-    p.add_argument("--zero-checkpoint", help="a run's checkpoints/ dir (ZeRO stage 1/2), instead of --model")
-    args = p.parse_args()
-    run_dir = os.path.dirname(os.path.normpath(args.zero_checkpoint)) if args.zero_checkpoint \
-        else os.path.dirname(args.model)
-    metrics = os.path.join(run_dir, "metrics.json")
+def load_model(path):
+    """model.pt (a plain state dict, loaded with weights_only=True) in its model class, and the
+    class names from the run's metrics.json when there is one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no model at {path}; train first (train_ds.py writes model.pt) "
+                         "or pass --model PATH") from None
+    except Exception as e:  # noqa: BLE001 - not a torch file, a pickle with code in it, truncated
+        raise SystemExit(f"error: {path} is not a model.pt ({type(e).__name__})") from None
     classes = CLASSES
+    metrics = os.path.join(os.path.dirname(path), "metrics.json")
     if os.path.isfile(metrics):
-        classes = json.load(open(metrics))["final"].get("classes", CLASSES)
+        with open(metrics) as f:
+            classes = (json.load(f).get("final") or {}).get("classes", CLASSES)
+    try:
+        model = MODEL(num_classes=len(classes))
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):  # another example's weights, another shape
+        raise SystemExit(f"error: {path} holds no {EXAMPLE} model (its weights do not fit "
+                         f"{MODEL.__name__})") from None
+    return model.eval(), classes
 
-    model = Net()
-    model.load_state_dict(load_weights(args))
-    model.eval()
-    prep = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(), transforms.Normalize(*NORMALIZE)])
-    batch = torch.stack([prep(Image.open(path).convert("RGB")) for path in args.images])
+
+def read_image(path):
+    """One image as the model's input [1, 3, 32, 32]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            pixels = im.convert("RGB").resize((32, 32), Image.BILINEAR).tobytes()
+    except FileNotFoundError:
+        raise SystemExit(f"error: no such image: {path}") from None
+    except (OSError, ValueError):
+        raise SystemExit(f"error: {path} is not an image this can read") from None
+    x = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(1, 32, 32, 3)
+    return normalize(x.permute(0, 3, 1, 2))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", help="image files or folders of them")
+    p.add_argument("--model", default=f"runs/{EXAMPLE}/model.pt", help="a run's model.pt")
+    args = p.parse_args(argv)
+    model, classes = load_model(args.model)
+    paths = []
+    for item in args.images:  # a folder stands for the files in it
+        paths += sorted(os.path.join(item, f) for f in os.listdir(item) if not f.startswith(".")) \
+            if os.path.isdir(item) else [item]
+    inputs = [read_image(path) for path in paths]  # every file is checked before any output
     with torch.no_grad():
-        probs = model(batch).softmax(1)
-    for path, pr in zip(args.images, probs):
-        k = int(pr.argmax())
-        print(f"{path}: {classes[k] if k < len(classes) else k} ({100 * pr[k]:.1f}%)")
+        probs = model(torch.cat(inputs)).softmax(1)
+    for path, pr in zip(paths, probs):
+        top = pr.topk(min(3, len(classes)))
+        print(f"{path}: " + ", ".join(
+            f"{classes[int(k)]} {100 * float(v):.1f}%" for v, k in zip(top.values, top.indices)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,21 +21,20 @@ def main():
     a = ap.parse_args()
     ex = load_example("01_basic_convnet")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_x, train_y = ex.synthetic_digits(10_000, 42, "train")
+    train_x, train_y = ex.synthetic_digits(10_000, 42, 1)
     torch.manual_seed(0)
-    model = ex.build_model().to(device)
+    model = ex.CNNModelEnhanced().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     scaler = torch.amp.GradScaler(enabled=a.dtype == "fp16")
-    batches = ex.DeviceBatches(train_x, train_y, 32, 0, 1, device, shuffle=True, seed=42)
+    batches = ex.DeviceBatches(train_x, train_y, 32, torch.float32, 0, 1, device, shuffle=True, seed=42)
     times, steps = [], 0
     for epoch in range(a.epochs):
-        batches.set_epoch(epoch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         sums = torch.zeros(2, device=device)
-        for x, y in batches:
+        for x, y in batches.epoch(epoch):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = torch.nn.functional.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """A plain PyTorch training loop (no DeepSpeed) over 02_cifar10's own model and data path, for timing.
 
-Reuses 02_cifar10/train_ds.py through importlib: build_model (CIFAR10CNNEnhanced), AugmentedBatches
+Reuses 02_cifar10/train_ds.py through importlib: CIFAR10CNNEnhanced, DeviceBatches with augment
 (dataset resident on the device as uint8, crop + flip + normalize there) and the optimizer settings of
 a DeepSpeed config (SGD with its params; gradient_clipping if > 0). The LR follows 02's linear warmup +
 cosine per step. Like 02, losses and hits are summed on the device and read once per epoch, and each
@@ -41,7 +41,7 @@ def warmup_cosine(total_steps, warmup_steps):
 def test_accuracy(model, batches, tta_flip=False):
     model.eval()
     hits = torch.zeros((), device=batches.images.device, dtype=torch.float64)
-    for x, y in batches:
+    for x, y in batches.epoch(0):
         logits = model(x)
         if tta_flip:  # like 02's --tta-flip: average with the mirrored image's logits
             logits = (logits + model(x.flip(3))) / 2
@@ -57,20 +57,20 @@ def run(ex02, train, test, cfg, device, epochs, label_smoothing=0.0, warmup_epoc
     read of isfinite(norm) per step, to measure what that check costs on its own.
     Returns per-epoch rows (steps, train_s, epoch_s incl. test pass, test_accuracy)."""
     torch.manual_seed(seed)
-    model = ex02.build_model().to(device)
+    model = ex02.CIFAR10CNNEnhanced().to(device)
     batch = cfg["train_micro_batch_size_per_gpu"]
     opt = torch.optim.SGD(model.parameters(), **cfg["optimizer"]["params"])
     clip = cfg.get("gradient_clipping", 0.0)
-    train_b = ex02.AugmentedBatches(*train, batch, 0, 1, device, shuffle=True, seed=seed, augment=True)
-    test_b = ex02.AugmentedBatches(*test, 1000, 0, 1, device, shuffle=False)
+    train_b = ex02.DeviceBatches(*train, batch, torch.float32, 0, 1, device, shuffle=True, seed=seed,
+                                 prepare=ex02.augment)
+    test_b = ex02.DeviceBatches(*test, 1000, torch.float32, 0, 1, device, prepare=ex02.normalize)
     total = epochs * len(train_b)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, round(warmup_epochs * len(train_b)))))
     rows, done = [], 0
     for epoch in range(epochs):
-        train_b.set_epoch(epoch)
         t0, steps = time.perf_counter(), 0
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        for x, y in train_b:
+        for x, y in train_b.epoch(epoch):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)

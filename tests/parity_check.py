@@ -1,9 +1,10 @@
-"""Parity: a few DeepSpeed steps (the example's own config handling, engine and loss) against a plain
-PyTorch loop with the same init, data, optimizer semantics and LR schedule. Prints one JSON line.
+"""Parity: a few steps of an example's own training step (its config handling, DeepSpeed engine,
+loss and optimizer_step) against a plain PyTorch loop with the same init, data, optimizer, gradient
+clipping and LR schedule. Prints one JSON line per case. Several cases share one process.
 
-  python tests/parity_check.py EXAMPLE --dtype fp32|bf16|fp16 [--config PATH] [--steps 8]
+  python tests/parity_check.py 02_cifar10:auto 02_cifar10:bf16 01_basic_convnet:auto [--steps 8]
 
-Runs on the GPU when there is one (fp16/bf16 checks), else on the CPU (gloo)."""
+Runs on the GPU when there is one (fp16 and bf16 cases), else on the CPU (gloo)."""
 
 import argparse
 import copy
@@ -16,23 +17,22 @@ import torch
 from harness import load_example
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = {"01_basic_convnet": ("CNNModelEnhanced", (1, 28, 28)),
+          "02_cifar10": ("CIFAR10CNNEnhanced", (3, 32, 32)),
+          "03_cifar10_basic": ("Net", (3, 32, 32))}
 
 
 def reference_lr(cfg, k):
-    """LR of optimizer step k (0-based) under DeepSpeed's WarmupCosineLR: the scheduler is stepped
-    after each optimizer step and starts at lr 0 (last_batch_iteration -1), so step k uses i = k - 1."""
-    base = cfg["optimizer"]["params"]["lr"]
-    s = cfg.get("scheduler")
+    """LR of optimizer step k (from 0) under DeepSpeed's schedulers: stepped after each optimizer
+    step from last_batch_iteration -1, so step k uses i = k - 1."""
+    base, s = cfg["optimizer"]["params"]["lr"], cfg.get("scheduler")
     if not s:
         return base
     p, i = s["params"], k - 1
     if s["type"] == "WarmupLR":
-        w = p.get("warmup_num_steps", 1000)
-        lo, hi = p.get("warmup_min_lr", 0.0), p.get("warmup_max_lr", base)
-        if i < 0:
-            return lo
-        if i >= w:
-            return hi
+        w, lo, hi = p.get("warmup_num_steps", 1000), p.get("warmup_min_lr", 0.0), p.get("warmup_max_lr", base)
+        if i < 0 or i >= w:
+            return lo if i < 0 else hi
         r = i / w if p.get("warmup_type", "log") == "linear" else math.log(i + 1) / math.log(w)
         return lo + (hi - lo) * r
     assert s["type"] == "WarmupCosineLR", s["type"]
@@ -51,65 +51,56 @@ def reference_optimizer(cfg, params):
     o = cfg["optimizer"]
     kw = {k: v for k, v in o["params"].items() if k not in ("torch_adam", "adam_w_mode", "fused", "foreach")}
     if o["type"].lower() == "adam":
-        assert o["params"].get("adam_w_mode") is False, "config must ask for true Adam"
+        assert o["params"].get("adam_w_mode") is False, "the config must ask for true Adam"
         return torch.optim.Adam(params, **kw)
     return getattr(torch.optim, o["type"])(params, **kw)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("example")
-    ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--steps", type=int, default=8)
-    a = ap.parse_args()
-    ex = load_example(a.example)
-    args = ex.parse_args(["--epochs", "4", "--warmup-epochs", "1", "--dtype", a.dtype]
-                         + (["--deepspeed_config", a.config] if a.config else []))
-    rank, world, device = ex.setup_distributed()
-    cfg = ex.read_config(args.deepspeed_config, world)
-    steps_per_epoch = max(1, a.steps // 4)
-    cfg, dtype = ex.finalize_config(cfg, args, steps_per_epoch, device.type == "cpu", lambda *m: None)
-
-    torch.manual_seed(0)
-    model = ex.build_model()
-    ref = copy.deepcopy(model).to(device)
-    init = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()}
-    micro = cfg["train_micro_batch_size_per_gpu"]
-    g = torch.Generator().manual_seed(1)
-    shape = ex.INPUT_SHAPE
-    batches = [(torch.randn(micro, *shape, generator=g), torch.randint(0, 10, (micro,), generator=g))
-               for _ in range(a.steps)]
-
+def check(example, dtype, config, steps, first):
     import deepspeed
 
+    ex = load_example(example)
+    args = ex.parse_args(["--epochs", "4", "--warmup-epochs", "1", "--dtype", dtype]
+                         + (["--deepspeed_config", config] if config else []))
+    if first:
+        ex.setup_distributed()
+    device = torch.device(get_device())
+    cfg, dtype, own_clip = ex.load_config(args, 1, device.type == "cpu")
+    ex.fill_schedule(cfg, args, max(1, steps // 4))
+    name, shape = MODELS[example]
+    torch.manual_seed(0)
+    model = getattr(ex, name)()
+    ref = copy.deepcopy(model).to(device)
+    init = {k: v.detach().clone().float().to(device) for k, v in model.state_dict().items()}
+    micro, g = cfg["train_micro_batch_size_per_gpu"], torch.Generator().manual_seed(1)
+    batches = [(torch.randn(micro, *shape, generator=g), torch.randint(0, 10, (micro,), generator=g))
+               for _ in range(steps)]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    in_dtype = next(engine.module.parameters()).dtype
-    scales, skipped = [], []  # per step: the loss scale used, and whether DeepSpeed skipped the update
+    in_dtype = ex.DTYPES[dtype]
+    scales, applied = [], []  # per step: the loss scale used, and whether the update was applied
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
         scales.append(float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0))
-        before = engine.skipped_steps
-        loss, _ = ex.forward_loss(engine, x.to(in_dtype), y, args)
+        engine.set_gradient_accumulation_boundary(True)
+        loss, _ = ex.forward_loss(engine, x.to(device, in_dtype), y.to(device), args)
         engine.backward(loss)
-        engine.step()
-        skipped.append(engine.skipped_steps != before)
+        applied.append(ex.optimizer_step(engine, own_clip)[1])
 
-    # Reference: fp32 master weights; the forward/backward runs in the engine's precision.
+    # The reference: fp32 master weights; forward and backward in the engine's precision.
     opt = reference_optimizer(cfg, ref.parameters())
-    clip = cfg.get("gradient_clipping", 1.0)
+    clip = own_clip if own_clip is not None else cfg.get("gradient_clipping", 1.0)
     work = copy.deepcopy(ref).to(in_dtype) if in_dtype != torch.float32 else ref
-    k = 0  # optimizer steps taken: DeepSpeed neither updates nor steps its LR scheduler on a skipped step
-    for (x, y), scale, skip in zip(batches, scales, skipped):
-        if skip:  # fp16 overflow (or a non-finite bf16 step): mirror DeepSpeed and leave the weights alone
+    k = 0  # optimizer steps taken: a skipped step neither updates nor moves the LR schedule
+    for (x, y), scale, ok in zip(batches, scales, applied):
+        if not ok:
             continue
-        x, y = x.to(device), y.to(device)
         if work is not ref:
             work.load_state_dict({n: v.to(in_dtype) for n, v in ref.state_dict().items()})
         work.zero_grad()
-        (ex.forward_loss(work, x.to(in_dtype), y, args)[0] * scale).backward()  # same loss scale as DeepSpeed
+        (ex.forward_loss(work, x.to(device, in_dtype), y.to(device), args)[0] * scale).backward()
         for p, q in zip(ref.parameters(), work.parameters()):
             p.grad = q.grad.float() / scale
+        for name, b in work.named_buffers():  # BatchNorm's running statistics moved in `work`
+            ref.get_buffer(name).copy_(b)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
         for group in opt.param_groups:
@@ -117,13 +108,29 @@ def main():
         opt.step()
         k += 1
 
-    ds = {k: v.to(device) for k, v in ex.master_weights(engine).items()}  # fp32 masters, as model.pt holds
+    ds = {k: v.to(device) for k, v in ex.plain_weights(engine).items()}
     rs = {k: v.float() for k, v in ref.state_dict().items()}
-    moved = math.sqrt(sum(((rs[k] - init[k].float()) ** 2).sum().item() for k in rs if rs[k].is_floating_point()))
+    moved = math.sqrt(sum(((rs[k] - init[k]) ** 2).sum().item() for k in rs if rs[k].is_floating_point()))
     diff = math.sqrt(sum(((ds[k] - rs[k]) ** 2).sum().item() for k in rs if rs[k].is_floating_point()))
-    print(json.dumps({"example": a.example, "dtype": dtype, "device": device.type, "steps": a.steps,
-                      "moved": moved, "diff": diff, "relative": diff / max(moved, 1e-12),
-                      "skipped": sum(skipped), "loss_scale": getattr(engine.optimizer, "cur_scale", None)}))
+    return {"example": example, "dtype": dtype, "device": device.type, "steps": steps,
+            "clip": clip, "moved": moved, "diff": diff, "relative": diff / max(moved, 1e-12),
+            "skipped": applied.count(False)}
+
+
+def get_device():
+    from deepspeed.accelerator import get_accelerator
+
+    return "cpu" if get_accelerator().device_name() == "cpu" else get_accelerator().device_name(0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases", nargs="+", help="EXAMPLE:DTYPE[:CONFIG]")
+    ap.add_argument("--steps", type=int, default=8)
+    a = ap.parse_args()
+    for i, case in enumerate(a.cases):
+        example, dtype, *config = case.split(":")
+        print(json.dumps(check(example, dtype, config[0] if config else None, a.steps, i == 0)), flush=True)
 
 
 if __name__ == "__main__":

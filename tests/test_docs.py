@@ -7,11 +7,15 @@ Conventions the pages follow (docs/docs/*.md):
                                                     `# ...`) marks a cut between quoted runs
   <!-- results: PATH.json -->                        the next table's numbers all come from PATH (repo root)
   front matter `example: 01_basic_convnet`           a bare `train_ds.py` in a command means that example's
-The build needs npm (skipped without it); the rendering check needs Chromium (`apt-get install -y chromium`).
+Shell blocks: a `train_ds.py` command may use only flags its --help lists; every `deepspeed` command, whatever
+it launches, only launcher flags (those before the script path) that the pinned DeepSpeed's --help lists.
+The build and the rendering (`pytest -m site`) need npm and Chromium (`apt-get install -y chromium`).
 """
 
+import contextlib
 import functools
 import http.server
+import io
 import json
 import math
 import os
@@ -28,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from harness import load_example
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -113,19 +118,64 @@ def test_docs_quote_scripts_verbatim():
 # ---------------------------------------------------------------------------- (b) commands and flags
 @functools.cache
 def script_flags(example):
-    """Every option string the example's --help lists (argparse), plus -h."""
-    p = subprocess.run([sys.executable, str(REPO / example / "train_ds.py"), "--help"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert p.returncode == 0, f"{example}/train_ds.py --help failed:\n{p.stderr[-2000:]}"
-    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", p.stdout))
+    """Every option string the example's --help lists (argparse), plus -h; read in this process."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        load_example(example).parse_args(["--help"])
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", out.getvalue()))
 
 
 @functools.cache
-def launcher_flags(launcher):
+def launcher_help(launcher):
+    """`deepspeed --help` / `torchrun --help` of the installed (pinned) versions, run once."""
     mod = {"deepspeed": "deepspeed.launcher.runner", "torchrun": "torch.distributed.run"}[launcher]
     p = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", p.stdout))
+    return p.stdout
+
+
+def launcher_flags(launcher):
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", launcher_help(launcher)))
+
+
+def help_options(help_text):
+    """{option: takes a value} from an argparse --help text's option lines (`-H HOSTFILE, --hostfile
+    HOSTFILE`, `--no_ssh`, `--autotuning {tune,run}`)."""
+    opts = {}
+    for line in help_text.splitlines():
+        m = re.match(r"\s{1,4}(-[^\s,].*?)(?:\s{2,}|$)", line)
+        for spec in m.group(1).split(", ") if m else ():
+            name, _, metavar = spec.partition(" ")
+            if re.fullmatch(r"--?[A-Za-z][\w-]*", name):
+                opts[name] = bool(metavar)
+    return opts
+
+
+COMMAND_PREFIXES = {"env", "nohup", "time", "sudo", "exec"}
+
+
+def deepspeed_launches(cmd, options):
+    """(launcher flags, script) for each `deepspeed` command in one command line: the options between
+    `deepspeed` and the script path it launches. `options` is {flag: takes a value}; an unknown
+    flag is kept (and reported), assumed to take no value."""
+    try:
+        tokens = shlex.split(cmd)
+    except ValueError:
+        return
+    starts = [0] + [i + 1 for i, t in enumerate(tokens) if t in SHELL_STOP]
+    for i in starts:
+        while i < len(tokens) and (tokens[i] in COMMAND_PREFIXES or re.match(r"\w+=", tokens[i])
+                                   or tokens[i:i + 2] == ["uv", "run"]):
+            i += 2 if tokens[i] == "uv" else 1
+        if i >= len(tokens) or tokens[i].rsplit("/", 1)[-1] != "deepspeed":
+            continue
+        flags, j = [], i + 1
+        while j < len(tokens) and tokens[j].startswith("-") and tokens[j] not in SHELL_STOP:
+            name = tokens[j].split("=")[0]
+            flags.append(name)
+            j += 2 if "=" not in tokens[j] and options.get(name) else 1
+        script = tokens[j] if j < len(tokens) and tokens[j] not in SHELL_STOP else None
+        yield flags, script
 
 
 def commands(body):
@@ -187,6 +237,44 @@ def test_command_parser():
     assert got == [("02_cifar10", "deepspeed", ["--num_gpus"], ["--epochs", "--dtype"])]
     got = list(train_invocations("cd 01_basic_convnet && python train_ds.py --resume", None, ex))
     assert got == [("01_basic_convnet", None, [], ["--resume"])]
+
+
+def test_launcher_flag_parser():
+    help_text = ("options:\n  -h, --help            show this help message and exit\n"
+                 "  -H HOSTFILE, --hostfile HOSTFILE\n                        Hostfile path\n"
+                 "  --num_gpus NUM_GPUS, --num_accelerators NUM_GPUS\n"
+                 "  --no_ssh              Launch training independently on each node\n"
+                 "  --autotuning {tune,run}\n                        Run DeepSpeed autotuner (default: )\n")
+    opts = help_options(help_text)
+    assert opts == {"-h": False, "--help": False, "-H": True, "--hostfile": True, "--num_gpus": True,
+                    "--num_accelerators": True, "--no_ssh": False, "--autotuning": True}
+    got = list(deepspeed_launches("deepspeed --hostfile hostfile --no_ssh --num_gpus=8 --bogus "
+                                  "01_basic_convnet/train_ds.py --epochs 3 && uv run deepspeed -H h x.py", opts))
+    assert got == [(["--hostfile", "--no_ssh", "--num_gpus", "--bogus"], "01_basic_convnet/train_ds.py"),
+                   (["-H"], "x.py")]
+    assert list(deepspeed_launches("CUDA_VISIBLE_DEVICES=0,1 nohup deepspeed --no_ssh a.py > log", opts)) == \
+        [(["--no_ssh"], "a.py")]
+    assert list(deepspeed_launches("pip install deepspeed --upgrade", opts)) == []  # not a launch
+
+
+def test_docs_deepspeed_commands_use_real_launcher_flags():
+    """Every `deepspeed` command shown, whatever it launches: the flags before the script path are
+    ones the pinned DeepSpeed's launcher lists in its --help."""
+    options = help_options(launcher_help("deepspeed"))
+    assert {"--hostfile", "--no_ssh", "--include", "--num_gpus"} <= options.keys(), "help not parsed"
+    shown, bad = 0, []
+    for page in PAGES:
+        for lang, info, body in blocks(page.read_text()):
+            if lang not in ("bash", "sh", "shell", "console") or TITLE.search(info):
+                continue
+            for cmd in commands(body):
+                for flags, script in deepspeed_launches(cmd, options):
+                    shown += 1
+                    bad += [f"{page.name}: deepspeed has no flag {f}: {cmd}" for f in flags if f not in options]
+                    if script is None:
+                        bad.append(f"{page.name}: no script after the launcher flags: {cmd}")
+    assert shown >= 10, "expected the pages to show deepspeed launches"
+    assert not bad, "\n".join(bad)
 
 
 def test_docs_commands_use_real_flags():
@@ -302,6 +390,7 @@ def built_site():
     return DOCS / "build"
 
 
+@pytest.mark.site
 def test_site_builds(built_site):
     for page in PAGES:
         text = page.read_text()
@@ -338,6 +427,7 @@ def chromium(*args):
     return p.stdout
 
 
+@pytest.mark.site
 def test_page_renders_code_and_curve(served_site, tmp_path):
     url = served_site + SCREENSHOT_PAGE
     dom = chromium("--dump-dom", url)

@@ -1,0 +1,80 @@
+"""Classify your own digit images with the model.pt a training run wrote; no GPU needed.
+
+  python predict.py seven.png four.png                    # runs/01_basic_convnet/model.pt
+  python predict.py --model runs/mnist/model.pt digits/   # every image in a folder
+Prints the three likeliest classes of each image. Images of any size are converted to grayscale,
+resized to 28x28 and normalized as MNIST is (white digit on black, as in MNIST).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from train_ds import CLASSES, CNNModelEnhanced
+
+EXAMPLE, MODEL = "01_basic_convnet", CNNModelEnhanced
+
+
+def load_model(path):
+    """model.pt (a plain state dict, loaded with weights_only=True) in its model class, and the
+    class names from the run's metrics.json when there is one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no model at {path}; train first (train_ds.py writes model.pt) "
+                         "or pass --model PATH") from None
+    except Exception as e:  # noqa: BLE001 - not a torch file, a pickle with code in it, truncated
+        raise SystemExit(f"error: {path} is not a model.pt ({type(e).__name__})") from None
+    classes = CLASSES
+    metrics = os.path.join(os.path.dirname(path), "metrics.json")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            classes = (json.load(f).get("final") or {}).get("classes", CLASSES)
+    try:
+        model = MODEL(num_classes=len(classes))
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):  # another example's weights, another shape
+        raise SystemExit(f"error: {path} holds no {EXAMPLE} model (its weights do not fit "
+                         f"{MODEL.__name__})") from None
+    return model.eval(), classes
+
+
+def read_image(path):
+    """One image as the model's input [1, 1, 28, 28]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            pixels = im.convert("L").resize((28, 28), Image.BILINEAR).tobytes()
+    except FileNotFoundError:
+        raise SystemExit(f"error: no such image: {path}") from None
+    except (OSError, ValueError):
+        raise SystemExit(f"error: {path} is not an image this can read") from None
+    x = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(1, 1, 28, 28)
+    return (x.float() / 255 - 0.1307) / 0.3081  # MNIST's mean and std
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("images", nargs="+", help="image files or folders of them")
+    p.add_argument("--model", default=f"runs/{EXAMPLE}/model.pt", help="a run's model.pt")
+    args = p.parse_args(argv)
+    model, classes = load_model(args.model)
+    paths = []
+    for item in args.images:  # a folder stands for the files in it
+        paths += sorted(os.path.join(item, f) for f in os.listdir(item) if not f.startswith(".")) \
+            if os.path.isdir(item) else [item]
+    inputs = [read_image(path) for path in paths]  # every file is checked before any output
+    with torch.no_grad():
+        probs = model(torch.cat(inputs)).softmax(1)
+    for path, pr in zip(paths, probs):
+        top = pr.topk(min(3, len(classes)))
+        print(f"{path}: " + ", ".join(
+            f"{classes[int(k)]} {100 * float(v):.1f}%" for v, k in zip(top.values, top.indices)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
