@@ -1,46 +1,107 @@
-"""Summarize the GPU runs kept under results/gpu/<batch>/<run>/metrics.json into results/gpu/summary.json,
-the file the docs' results tables cite (tests/test_docs.py checks every number against it).
+"""Index the measured runs: results/<example>/<hardware>-<recipe>-<precision>/ -> results/index.json and
+the table in results/README.md.
 
-  python results/collect.py
+  python results/collect.py           # rewrite both from the folders
+  python results/collect.py --check   # exit 1 if either is out of date (tests/test_results.py runs this)
 
-Each batch folder holds the command file that produced it (cmd*.sh) and a notes.json saying which runs
-shared the GPU. Numbers are copied from the runs' own metrics.json, rounded for the tables."""
+A folder holds command.sh (the exact command, run from the repository root), console.log, metrics.json
+and curves.png of its run, and timing.json: every run's launcher-to-exit seconds (timed around the
+`deepspeed` command) and the script's own wall seconds (metrics.json's wall_time_s). results/measure.sh
+makes them on a GPU machine. A folder with only command.sh is listed as not measured yet."""
 
 import json
+import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EXAMPLES = ("01_basic_convnet", "02_cifar10", "03_cifar10_basic")
 
 
-def summarize(metrics):
-    final, epochs = metrics.get("final") or {}, metrics["epochs"]
-    last = epochs[-1]
+def row(folder):
+    """One index row from a measured folder (numbers of the median run; all runs' in `runs`)."""
+    hardware, recipe, precision = folder.name.split("-")
+    timing = json.loads((folder / "timing.json").read_text())
+    final = json.loads((folder / "metrics.json").read_text())["final"]
+    exits = [r["launcher_to_exit_s"] for r in timing["runs"]]
     return {
-        "example": metrics["example"],
-        "epochs": len(epochs),
-        "completed": bool(final),
-        "dtype": final.get("dtype"),
-        "global_batch": final.get("global_batch_size"),
-        "test_accuracy": round(final.get("test_accuracy", last["test_accuracy"]), 2),
-        "train_accuracy": round(final.get("train_accuracy", last["train_accuracy"]), 2),
-        "best_val_accuracy": None if final.get("best_val_accuracy") is None else round(final["best_val_accuracy"], 2),
-        "final_train_loss": round(last["train_loss"], 4),
-        "wall_time_s": None if "wall_time_s" not in final else round(final["wall_time_s"], 1),
-        "mean_epoch_s": round(sum(e["epoch_time_s"] for e in epochs) / len(epochs), 2),
-        "mean_images_per_s": round(sum(e["images_per_s"] for e in epochs) / len(epochs)),
+        "example": folder.parent.name, "recipe": recipe, "precision": precision, "hardware": hardware,
+        "folder": str(folder.relative_to(HERE)),
+        "epochs": final["epochs_completed"], "test_accuracy": round(final["test_accuracy"], 2),
+        "launcher_to_exit_s": timing["runs"][timing["median_run"] - 1]["launcher_to_exit_s"],
+        "script_wall_s": round(final["wall_time_s"], 1),
+        "runs": len(exits), "worst_launcher_to_exit_s": max(exits),
+        "median_test_accuracy": statistics.median(r["test_accuracy"] for r in timing["runs"]),
+        "all_runs": timing["runs"],
     }
 
 
+def collect():
+    rows, pending = [], []
+    for example in EXAMPLES:
+        for folder in sorted(p for p in (HERE / example).iterdir() if p.is_dir()):
+            if (folder / "timing.json").is_file():
+                rows.append(row(folder))
+            else:
+                pending.append(str(folder.relative_to(HERE)))
+    return {"hardware": json.loads((HERE / "hardware.json").read_text()), "rows": rows,
+            "not_measured": pending}
+
+
+def table(index):
+    lines = ["| example | recipe | precision | hardware | epochs | test accuracy | launcher to exit | "
+             "script wall | folder |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in index["rows"]:
+        exit_s = f"{r['launcher_to_exit_s']:.1f} s"
+        if r["runs"] > 1:
+            exit_s += f" (median of {r['runs']}; worst {r['worst_launcher_to_exit_s']:.1f} s)"
+        lines.append(f"| {r['example']} | {r['recipe']} | {r['precision']} | {r['hardware']} | "
+                     f"{r['epochs']} | {r['test_accuracy']:.2f}% | {exit_s} | {r['script_wall_s']:.1f} s | "
+                     f"[{r['folder']}]({r['folder']}/) |")
+    return "\n".join(lines)
+
+
+def readme(index):
+    hw = "\n".join(f"- `{k}`: {v}" for k, v in index["hardware"].items())
+    todo = "\n".join(f"- [`{p}`]({p}/command.sh)" for p in index["not_measured"]) or "- none"
+    return f"""# Results
+
+Every run here was made with the command in its folder's `command.sh`, from the repository root,
+through the `deepspeed` launcher the READMEs tell you to use, after one warm-up run on the machine
+(`results/measure.sh` runs them). Each folder holds that command, the run's `console.log` (per-step
+lines and the launcher's environment dump removed; warnings kept), its `metrics.json` and `curves.png`,
+and `timing.json` with every repeat. *Launcher to exit* is timed around the `deepspeed` command;
+*script wall* is the script's own training-loop time (`wall_time_s` in metrics.json). Where a row ran
+several times, the files and the accuracy are those of the run with the median launcher-to-exit time.
+
+This file and `index.json` are written by `python results/collect.py`; `tests/test_results.py` checks
+they are current and that the accuracy and time figures the READMEs and docs quote come from a row.
+
+Hardware:
+{hw}
+
+{table(index)}
+
+Not measured on the current code yet (the command is ready):
+{todo}
+
+Benchmark outputs (step-time studies, the plain-PyTorch comparison) are in
+[`benchmarks/`](benchmarks/), one folder per machine.
+"""
+
+
 def main():
-    out = {}
-    for batch in sorted(p for p in (HERE / "gpu").iterdir() if p.is_dir()):
-        notes = json.loads((batch / "notes.json").read_text()) if (batch / "notes.json").exists() else {}
-        for m in sorted(batch.glob("*/metrics.json")):
-            row = summarize(json.loads(m.read_text()))
-            row["batch"], row["note"] = batch.name, notes.get(m.parent.name, notes.get("*", ""))
-            out[m.parent.name] = row
-    (HERE / "gpu" / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{len(out)} runs -> {HERE / 'gpu' / 'summary.json'}")
+    index = collect()
+    files = {HERE / "index.json": json.dumps(index, indent=1) + "\n", HERE / "README.md": readme(index)}
+    if "--check" in sys.argv:
+        stale = [p.name for p, text in files.items() if not p.is_file() or p.read_text() != text]
+        if stale:
+            sys.exit(f"results/{' and results/'.join(stale)} out of date: run python results/collect.py")
+        print("results index is current")
+        return
+    for path, text in files.items():
+        path.write_text(text)
+    print(f"{len(index['rows'])} rows -> results/index.json, results/README.md")
 
 
 if __name__ == "__main__":

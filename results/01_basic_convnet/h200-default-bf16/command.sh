@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# 01 default recipe with --dtype bf16, generated data, one H200
+# Run from the repository root; RUN_DIR sets the output folder.
+deepspeed --num_gpus=1 01_basic_convnet/train_ds.py --dtype bf16 --output-dir "${RUN_DIR:-runs/01-default-bf16}"
