@@ -441,7 +441,7 @@ def test_page_renders_code_and_curve(served_site, tmp_path):
 
     shot = tmp_path / "page.png"
     # tall enough for the whole page: the curve sits near the end, and lazy images load only in view
-    chromium(f"--screenshot={shot}", "--window-size=1280,12000", "--hide-scrollbars", url)
+    chromium(f"--screenshot={shot}", "--window-size=1280,24000", "--hide-scrollbars", url)
     import numpy as np
     from PIL import Image
 
