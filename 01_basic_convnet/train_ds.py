@@ -911,10 +911,8 @@ def release_shm_buffer():
     creates; every peer has mapped it by now, so removing the name at exit is safe."""
     env = os.environ
     name = f"{os.getuid()}_{env.get('MASTER_ADDR')}_{env.get('MASTER_PORT')}_{env.get('RANK')}"
-    try:
+    with contextlib.suppress(OSError):
         os.remove(f"/dev/shm/deepspeed_allreduce_buffer_{name}")
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

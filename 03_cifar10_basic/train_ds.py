@@ -15,6 +15,7 @@ a run is never replaced silently: --resume continues it, --overwrite replaces it
 
 import argparse
 import contextlib
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -289,8 +290,13 @@ class DeviceBatches:
 
 def normalize(images, *_):
     """uint8 pixels to the per-channel standardized floats the model trains on."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    mean, std = channel_stats(images.device)
     return (images.float() / 255 - mean) / std
+
+
+@functools.cache  # MEAN and STD copied to the device once, not for every batch
+def channel_stats(device):
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
 
 
 def train_batches(data, epoch):
@@ -994,10 +1000,8 @@ def release_shm_buffer():
     creates; every peer has mapped it by now, so removing the name at exit is safe."""
     env = os.environ
     name = f"{os.getuid()}_{env.get('MASTER_ADDR')}_{env.get('MASTER_PORT')}_{env.get('RANK')}"
-    try:
+    with contextlib.suppress(OSError):
         os.remove(f"/dev/shm/deepspeed_allreduce_buffer_{name}")
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":
