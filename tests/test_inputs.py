@@ -432,6 +432,20 @@ def test_run_state_keeps_best_and_patience(example):
     assert mod.RunState(**json.loads(json.dumps({**vars(run), "rng": {}}))).history == run.history
 
 
+@pytest.mark.parametrize("seed", [1, 2, 42])
+def test_01_starts_near_chance_loss(seed):
+    """Before the first step the model should be unsure, not confident and wrong: over its first ten
+    micro-batches the loss is near ln 10 = 2.30 (it was 19-57 with unscaled inputs and a Kaiming
+    output layer)."""
+    mod = load_example("01_basic_convnet")
+    torch.manual_seed(seed)  # as main() does before it builds the model
+    images, labels = mod.synthetic_digits(320, seed, 1)
+    model = mod.CNNModelEnhanced()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(images), labels).item()
+    assert 2.0 < loss <= 2.6, loss
+
+
 # ============================================================================ predict.py
 def predictor(example):
     spec = importlib.util.spec_from_file_location(f"predict_{example}", REPO / example / "predict.py")
