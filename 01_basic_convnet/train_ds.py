@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import glob
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -177,6 +179,33 @@ def check_config(cfg, path, world):
     need(not cfg.get("tensorboard", {}).get("enabled") or importlib.util.find_spec("tensorboard"),
          "tensorboard.enabled", True, "false, or pip install tensorboard (not installed)")
     check_keys_deepspeed_reads(cfg, path)
+    check_constructor_params(cfg, path)
+
+
+def check_constructor_params(cfg, path):
+    """A key that the optimizer's or scheduler's constructor does not take fails deep inside
+    deepspeed.initialize: refuse it by name, from the signature of the class DeepSpeed builds."""
+    from deepspeed.ops.adam import FusedAdam
+    from deepspeed.runtime import lr_schedules
+
+    kind, name = str(cfg["optimizer"].get("type")), cfg.get("scheduler", {}).get("type")
+    ours = kind.lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS  # not torch.optim's
+    builds = {"optimizer": None if ours else getattr(torch.optim, kind)}
+    if kind.lower() in ("adam", "adamw"):  # torch's Adam(W) with "torch_adam", else FusedAdam
+        torch_adam = cfg["optimizer"].get("params", {}).get("torch_adam")
+        builds["optimizer"] = torch.optim.Adam if torch_adam else FusedAdam
+    if name is not None:
+        builds["scheduler"] = getattr(lr_schedules if name in lr_schedules.VALID_LR_SCHEDULES
+                                      else torch.optim.lr_scheduler, str(name), None)
+        if not inspect.isclass(builds["scheduler"]):
+            raise UsageError(f"{path}: scheduler.type = {json.dumps(name)}: allowed: "
+                             f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or one of torch's")
+    for section, cls in builds.items():
+        takes = list(inspect.signature(cls).parameters)[1:] if cls else []  # after params
+        unknown = set(cfg[section].get("params", {})) - set(takes) - {"torch_adam", "adam_w_mode"}
+        if cls and unknown:
+            raise UsageError(f"{path}: {section}.params.{min(unknown)}: {cls.__name__} takes no "
+                             f"such parameter; it takes {', '.join(takes)}")
 
 
 def fill_schedule(cfg, args, steps_per_epoch):
@@ -353,6 +382,14 @@ class CNNModelEnhanced(nn.Module):
         x = self.pool(F.relu(self.conv2(x)))  # [B, 32, 7, 7]
         return self.fc2(F.relu(self.fc1(x.flatten(1))))  # [B, 10] logits
 
+    classes = CLASSES  # its outputs' names, carried in model.pt; main() sets the dataset's
+
+    def get_extra_state(self):
+        return {"classes": list(self.classes)}
+
+    def set_extra_state(self, state):
+        self.classes = state["classes"]
+
 
 def forward_loss(model, images, labels, args):
     """Cross-entropy on fp32 logits (the model may compute in bf16/fp16): (loss, logits)."""
@@ -370,11 +407,12 @@ def plain_weights(engine):
     weights, under ZeRO-3 each rank a part of them: a collective, so every rank calls it."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    state = dict(engine.module.state_dict())  # with the class names (get_extra_state)
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)  # None in fp32 without ZeRO: p is the fp32 weight
-        state[name] = (p if full is None else full).detach().cpu()
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        state[name] = p if full is None else full
+    tensors = {k: v.detach().cpu() for k, v in state.items() if torch.is_tensor(v)}
+    return {**state, **{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}}
 
 
 # ============================================================ training
@@ -566,6 +604,7 @@ def fit_to_checkpoint(cfg, ckpt, world):
             + ("the same global batch" if math.prod(now) == ckpt.global_batch else
                f"the global batch changes from {ckpt.global_batch} to {math.prod(now)}"))
     if was[2] != world and old.get("zero_optimization", {}).get("stage", 0) > 0:
+        refuse_what_ds_to_universal_cannot_convert(ckpt, old, world)
         cfg["checkpoint"], ckpt.universal = {"load_universal": True}, True
 
 
@@ -725,10 +764,12 @@ def main(args):
     data = load_data(args, cfg, dtype, rank, world, device)
     fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
     model = CNNModelEnhanced(len(data.classes))
+    model.classes = data.classes  # model.pt carries them
     # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
     # all-reduce and checkpoints, all as the config says.
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=cfg)
+    with config_errors_in_one_line(args.deepspeed_config):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=cfg)
     run = restore(engine, resume) if resume else RunState()
     sched, opt = cfg.get("scheduler", {}), cfg["optimizer"]
     gas, n_params = engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters())
@@ -877,6 +918,31 @@ def check_keys_deepspeed_reads(cfg, path):
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; DeepSpeed would ignore "
                          "them (a typo? see https://www.deepspeed.ai/docs/config-json/)")
+
+
+@contextlib.contextmanager
+def config_errors_in_one_line(path):
+    """deepspeed.initialize passes on the optimizer's or scheduler's own errors (a negative warmup,
+    betas of one number) with a traceback; the engine's method in its frames names the section."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any other error goes on as it is
+        frames = {frame.name for frame in traceback.extract_tb(e.__traceback__)}
+        for section, built_in in (("optimizer", "optimizer"), ("scheduler", "lr_scheduler")):
+            if f"_configure_{built_in}" in frames:
+                raise UsageError(f"{path}: {section}: {first_line(e)}") from None
+        raise
+
+
+def refuse_what_ds_to_universal_cannot_convert(ckpt, old, world):
+    """ds_to_universal (checkpoint/ds_to_universal.py) reads Adam's exp_avg and exp_avg_sq at every
+    ZeRO stage: another optimizer's ZeRO checkpoint ends there in a KeyError."""
+    kind, ranks = old.get("optimizer", {}).get("type"), ckpt.state["dp_world_size"]
+    if str(kind).lower() not in ("adam", "adamw"):
+        raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {kind} under ZeRO stage "
+                         f"{old['zero_optimization']['stage']} on {ranks} ranks, which DeepSpeed's "
+                         f"ds_to_universal cannot convert for {world}: resume on {ranks} ranks, or "
+                         "train with Adam/AdamW or ZeRO stage 0 to change the rank count")
 
 
 def quiet_known_messages():

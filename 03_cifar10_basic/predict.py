@@ -3,24 +3,22 @@
   python predict.py cat.png ship.jpg                      # runs/03_cifar10_basic/model.pt
   python predict.py --model runs/fast/model.pt photos/    # every image in a folder
 Prints the three likeliest classes of each image. Images of any size are converted to RGB and
-resized to 32x32, then normalized as in training. An imagefolder run's class names come from the
-metrics.json beside model.pt.
+resized to 32x32, then normalized as in training; model.pt carries the class names.
 """
 
 import argparse
-import json
 import os
 import sys
 
 import torch
-from train_ds import CLASSES, Net, normalize
+from train_ds import Net, normalize
 
 EXAMPLE, MODEL = "03_cifar10_basic", Net
 
 
 def load_model(path):
     """model.pt (a plain state dict, loaded with weights_only=True) in its model class, and the
-    class names from the run's metrics.json when there is one."""
+    class names it carries (the model's extra state)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -28,11 +26,10 @@ def load_model(path):
                          "or pass --model PATH") from None
     except Exception as e:  # noqa: BLE001 - not a torch file, a pickle with code in it, truncated
         raise SystemExit(f"error: {path} is not a model.pt ({type(e).__name__})") from None
-    classes = CLASSES
-    metrics = os.path.join(os.path.dirname(path), "metrics.json")
-    if os.path.isfile(metrics):
-        with open(metrics) as f:
-            classes = (json.load(f).get("final") or {}).get("classes", CLASSES)
+    classes = state.get("_extra_state", {}).get("classes") if isinstance(state, dict) else None
+    if not classes:
+        raise SystemExit(f"error: {path} carries no class names (an older train_ds.py wrote it); "
+                         "train again to get a model.pt that names its classes")
     try:
         model = MODEL(num_classes=len(classes))
         model.load_state_dict(state)
@@ -67,6 +64,8 @@ def main(argv=None):
     for item in args.images:  # a folder stands for the files in it
         paths += sorted(os.path.join(item, f) for f in os.listdir(item) if not f.startswith(".")) \
             if os.path.isdir(item) else [item]
+    if not paths:
+        raise SystemExit(f"error: no images in {', '.join(args.images)}")
     inputs = [read_image(path) for path in paths]  # every file is checked before any output
     with torch.no_grad():
         probs = model(torch.cat(inputs)).softmax(1)

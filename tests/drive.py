@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,6 +77,8 @@ def main():
             save(engine, run, *a, **k)
             digest = hashlib.sha256()
             for name, value in sorted(engine.module.state_dict().items()):
+                if not torch.is_tensor(value):  # the class names (extra state)
+                    continue
                 digest.update(name.encode() + value.detach().float().cpu().numpy().tobytes())
             Path(opts.weights).mkdir(parents=True, exist_ok=True)
             with open(Path(opts.weights) / f"rank{rank}.jsonl", "a") as f:

@@ -22,6 +22,11 @@ MODELS = {"01_basic_convnet": ("CNNModelEnhanced", (1, 28, 28)),
           "03_cifar10_basic": ("Net", (3, 32, 32))}
 
 
+def tensors(state):
+    """A state dict without its non-tensor entries (the model's class names, its extra state)."""
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}
+
+
 def reference_lr(cfg, k):
     """LR of optimizer step k (from 0) under DeepSpeed's schedulers: stepped after each optimizer
     step from last_batch_iteration -1, so step k uses i = k - 1."""
@@ -71,7 +76,7 @@ def check(example, dtype, config, steps, first):
     torch.manual_seed(0)
     model = getattr(ex, name)()
     ref = copy.deepcopy(model).to(device)
-    init = {k: v.detach().clone().float().to(device) for k, v in model.state_dict().items()}
+    init = {k: v.detach().clone().float().to(device) for k, v in tensors(model.state_dict()).items()}
     micro, g = cfg["train_micro_batch_size_per_gpu"], torch.Generator().manual_seed(1)
     batches = [(torch.randn(micro, *shape, generator=g), torch.randint(0, 10, (micro,), generator=g))
                for _ in range(steps)]
@@ -94,7 +99,8 @@ def check(example, dtype, config, steps, first):
         if not ok:
             continue
         if work is not ref:
-            work.load_state_dict({n: v.to(in_dtype) for n, v in ref.state_dict().items()})
+            work.load_state_dict({**ref.state_dict(), **{n: v.to(in_dtype) for n, v in
+                                                         tensors(ref.state_dict()).items()}})
         work.zero_grad()
         (ex.forward_loss(work, x.to(device, in_dtype), y.to(device), args)[0] * scale).backward()
         for p, q in zip(ref.parameters(), work.parameters()):
@@ -108,8 +114,8 @@ def check(example, dtype, config, steps, first):
         opt.step()
         k += 1
 
-    ds = {k: v.to(device) for k, v in ex.plain_weights(engine).items()}
-    rs = {k: v.float() for k, v in ref.state_dict().items()}
+    ds = {k: v.to(device) for k, v in tensors(ex.plain_weights(engine)).items()}
+    rs = {k: v.float() for k, v in tensors(ref.state_dict()).items()}
     moved = math.sqrt(sum(((rs[k] - init[k]) ** 2).sum().item() for k in rs if rs[k].is_floating_point()))
     diff = math.sqrt(sum(((ds[k] - rs[k]) ** 2).sum().item() for k in rs if rs[k].is_floating_point()))
     return {"example": example, "dtype": dtype, "device": device.type, "steps": steps,

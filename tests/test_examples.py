@@ -41,6 +41,11 @@ def steps_per_epoch(example, ranks):
     return -(-(s["train"] // ranks) // (s["micro"] // ranks))  # ceil: a last, smaller batch
 
 
+
+def same(a, b):
+    """Equal state-dict entries: tensors element for element, the class names (extra state) as is."""
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Per example: data flags and configs of the 1-rank and 2-rank micro batch."""
@@ -204,7 +209,7 @@ def test_resume_continues_as_if_never_stopped(runs):
         [{k: v for k, v in e.items() if k not in timing} for e in b["epochs"]]
     wa = torch.load(tmp / "one" / "model.pt", weights_only=True)
     wb = torch.load(tmp / "cut" / "model.pt", weights_only=True)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa.keys() == wb.keys() and all(same(wa[k], wb[k]) for k in wa)
 
 
 def test_a_skipped_step_does_not_shift_accumulation_windows(runs):
@@ -218,7 +223,7 @@ def test_a_skipped_step_does_not_shift_accumulation_windows(runs):
     assert all(e["skipped_steps"] == 0 for e in md["epochs"])
     wa = torch.load(tmp / "gas_nan" / "model.pt", weights_only=True)
     wb = torch.load(tmp / "gas_drop" / "model.pt", weights_only=True)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "a skipped step shifted the later windows"
+    assert all(same(wa[k], wb[k]) for k in wa), "a skipped step shifted the later windows"
 
 
 def test_overwrite_replaces_a_run(runs):
@@ -242,3 +247,24 @@ def test_a_training_step_equals_plain_pytorch(launched):
         assert r["moved"] > 0.1, r  # the steps really trained
         assert r["relative"] < (1e-6 if r["dtype"] == "fp32" else 0.25), r
     assert results[2]["clip"] == 1.0  # 02's default config: the script's own clipping was compared
+
+
+def test_optimizer_and_scheduler_errors_of_deepspeed_end_in_one_line(tmp_path):
+    """What only the constructors DeepSpeed calls in deepspeed.initialize refuse (a negative warmup,
+    betas of one number) ends on both ranks in one line naming the config section, exit code 2,
+    and no traceback from any rank: one 2-rank launch runs both (tests/drive.py)."""
+    ex = "03_cifar10_basic"
+    bad = {"scheduler": lambda c: c["scheduler"]["params"].update(warmup_num_steps=-5),
+           "optimizer": lambda c: c["optimizer"]["params"].update(betas=[0.9])}
+    runs = [["--dataset", "synthetic", "--synthetic-size", 64, "--epochs", 1, "--output-dir",
+             tmp_path / k, "--deepspeed_config", config(ex, tmp_path / f"{k}.json", edit)]
+            for k, edit in bad.items()]
+    r = launch(ex, runs=runs, ranks=2, cwd=tmp_path, timeout=240, stall=90)
+    assert "Traceback" not in r.text, r
+    for k, (section, needle) in enumerate([("scheduler", "warmup_num_steps"),
+                                           ("optimizer", "IndexError")]):
+        part = r.part(k)
+        assert part.rc == 2, r
+        errors = [ln for ln in part.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and f"{section}.json: {section}" in errors[0], r
+        assert needle in errors[0], r

@@ -162,6 +162,12 @@ def build(example, tmp):
         more = ["--synthetic-size", "320"] if example == "03_cifar10_basic" else []
         two += [base + more + ["--deepspeed_config", z3, "--epochs", "2", "--log-interval", "5",
                                "--output-dir", tmp / "z3"]]
+    if example == "02_cifar10":  # a ZeRO checkpoint of SGD, which ds_to_universal cannot convert
+        sgd = b["sgd_zero"] = write_config(example, tmp / "sgdz.json", lambda c: c.update(
+            train_micro_batch_size_per_gpu=8, zero_optimization={"stage": 1},
+            zero_allow_untested_optimizer=True))
+        two += [base + ["--deepspeed_config", sgd, "--epochs", "1", "--max-steps", "2",
+                        "--output-dir", tmp / "sgdz"]]
     b["two"] = launch(example, runs=two, ranks=2, drive=["--nan", "0:1:1:2,1:1:1:1,1:1:1:2", "--weights",
                                                          tmp / "w"], cwd=tmp, timeout=400, stall=60,
                       hang_hint=DISAGREE)
@@ -183,6 +189,12 @@ def build(example, tmp):
                     resume + ["--deepspeed_config", cfg[s, 32], "--output-dir", tmp / f"ref1_{s}"],
                     resume + ["--deepspeed_config", cfg[s, 32], "--output-dir", tmp / f"cut1_{s}",
                               "--max-steps", "10"]]
+    if example == "02_cifar10":  # the 2-rank ZeRO checkpoints on 1 rank: AdamW's and SGD's
+        b["z3_2to1"] = len(one)
+        one += [base + ["--deepspeed_config", z3, "--epochs", "3", "--log-interval", "5",
+                        "--resume", "--output-dir", tmp / "z3"],
+                base + ["--deepspeed_config", b["sgd_zero"], "--epochs", "2", "--resume",
+                        "--output-dir", tmp / "sgdz"]]
     on_line = signal_in_epoch_2(names)
     b["one"] = launch(example, runs=one, launcher="python", drive=["--fsize", f"{b['full']}:{160 * 1024}"],
                       on_line=on_line, cwd=tmp, timeout=500, stall=60)
@@ -203,7 +215,8 @@ def comparable(metrics):
 
 def same_weights(a, b):
     wa, wb = (torch.load(p / "model.pt", weights_only=True) for p in (a, b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return wa.keys() == wb.keys() and all(
+        torch.equal(wa[k], wb[k]) if torch.is_tensor(wa[k]) else wa[k] == wb[k] for k in wa)
 
 
 def check_model_pt(example, out, classes):
@@ -211,7 +224,7 @@ def check_model_pt(example, out, classes):
     model = getattr(load_example(example), MODELS[example])(num_classes=classes)
     state = torch.load(out / "model.pt", weights_only=True)
     assert state.keys() == model.state_dict().keys()
-    assert all(state[k].shape == v.shape for k, v in model.state_dict().items())
+    assert all(state[k].shape == v.shape for k, v in model.state_dict().items() if torch.is_tensor(v))
     model.load_state_dict(state)
 
 
@@ -390,6 +403,27 @@ def test_one_rank_checkpoint_continues_on_two(battery, stage):
         assert a["lr"] == pytest.approx(c["lr"], rel=1e-9) and a["train_images"] == c["train_images"]
         for key in ("train_loss", "test_loss", "grad_norm"):
             assert a[key] == pytest.approx(c[key], rel=1e-3), (key, a, c)
+
+
+def test_adamw_zero3_checkpoint_continues_on_another_count(battery):
+    """02's shipped ZeRO config uses AdamW, whose moments DeepSpeed's ds_to_universal converts: its
+    2-rank ZeRO-3 checkpoint goes on with 1 rank."""
+    b = battery("02_cifar10")
+    resumed = b["one"].part(b["z3_2to1"])
+    assert resumed.rc == 0, b["one"]
+    assert "Converting" in resumed.stdout and "continuing at epoch 3" in resumed.stdout, resumed
+    assert read(b["tmp"], "z3")["world_size"] == 1
+    check_model_pt("02_cifar10", b["tmp"] / "z3", 3)
+
+
+def test_sgd_zero_checkpoint_on_another_count_is_refused_in_one_line(battery):
+    """ds_to_universal (DeepSpeed 0.19.8) reads Adam's moments at every ZeRO stage: a 2-rank ZeRO
+    checkpoint of SGD is refused on 1 rank before anything starts, saying what works instead."""
+    b = battery("02_cifar10")
+    r = b["one"].part(b["z3_2to1"] + 1)
+    assert_clean_error(r.rc, r.stderr, "ds_to_universal", "SGD", "ZeRO stage 1", "2 ranks", "Adam")
+    assert r.rc == 2 and "Resumed" not in r.stdout and "Loading" not in r.stdout, r
+    assert not list((b["tmp"] / "sgdz" / "checkpoints").glob("*universal*"))
 
 
 def test_csv_monitor_rows_once_each(battery):

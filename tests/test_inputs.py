@@ -77,6 +77,13 @@ BAD = {  # case: (flags from (example, tmp dir), words the message must hold)
     "config_zero_stage_a_word": (_cfg(lambda c: c.update(zero_optimization={"stage": "two"})),
                                  ['zero_optimization.stage = "two"', "0, 1, 2 or 3"]),
     "config_no_optimizer": (_cfg(lambda c: c.pop("optimizer")), ["optimizer.type", "null"]),
+    "config_unknown_scheduler": (_cfg(lambda c: c["scheduler"].update(type="WarmupLRR")),
+                                 ['scheduler.type = "WarmupLRR"', "WarmupCosineLR"]),
+    "config_optimizer_param_misspelt": (_cfg(lambda c: c["optimizer"]["params"].update(lrr=0.1)),
+                                        ["optimizer.params.lrr", "takes no such parameter", "lr, "]),
+    "config_scheduler_param_misspelt": (
+        _cfg(lambda c: c["scheduler"]["params"].update(warmup_num_step=5)),
+        ["scheduler.params.warmup_num_step", "takes no such parameter", "warmup_num_steps"]),
     "config_unknown_optimizer": (_cfg(lambda c: c["optimizer"].update(type="Adamm")), ["Adamm"]),
     "config_micro_batch_0": (_cfg(lambda c: c.update(train_micro_batch_size_per_gpu=0)),
                              ["train_micro_batch_size_per_gpu = 0", "positive integer"]),
@@ -99,6 +106,12 @@ BAD = {  # case: (flags from (example, tmp dir), words the message must hold)
                              ["--resume", "not a checkpoint of"]),
     "resume_finished": (lambda ex, t: _checkpoint(ex, {"example": ex, "run": {"epoch": 2}}, t) + ["--epochs", "2"],
                         ["--resume", "all 2 epochs", "raise --epochs"]),
+    "resume_sgd_zero_on_another_count": (  # a 2-rank ZeRO-2 checkpoint of SGD, on 1 rank
+        lambda ex, t: _checkpoint(ex, {"example": ex, "run": {"epoch": 1}, "dp_world_size": 2,
+                                       "ds_config": {"train_micro_batch_size_per_gpu": 4,
+                                                     "optimizer": {"type": "SGD"},
+                                                     "zero_optimization": {"stage": 2}}}, t),
+        ["ds_to_universal", "SGD", "ZeRO stage 2", "2 ranks", "Adam"]),
     "resume_and_overwrite": (lambda ex, t: ["--resume", "--overwrite"], ["--overwrite"]),
     "output_dir_under_a_file": (lambda ex, t: (t / "f").write_text("x") and ["--output-dir", t / "f" / "o"],
                                 ["cannot write", "--output-dir"]),
@@ -500,6 +513,35 @@ def test_predict_prints_the_top_three_and_refuses_bad_input(example, tmp_path):
         (["--model", tmp_path / "model.pt", tmp_path / "nope.png"], "no such image"),
         (["--model", tmp_path / "model.pt", tmp_path / "notes.png"], "not an image"),
     ]:
+        code, out, err = predict(example, argv)
+        assert_clean_error(code, err, needle)
+        assert out == ""
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_predict_reads_the_class_names_from_model_pt_alone(example, tmp_path):
+    """model.pt as train_ds.py writes it (plain_weights) carries the class names: a 10-class
+    imagefolder model with no metrics.json beside it prints its own names. A model.pt without
+    names (an older one) and an empty folder are each refused in one line."""
+    mod = load_example(example)
+    model = getattr(mod, MODELS[example])()
+    names = [f"kind{k}" for k in range(10)]
+    model.classes = names  # what main() sets from the dataset
+    state = mod.plain_weights(type("Engine", (), {"module": model})())
+    torch.save(state, tmp_path / "model.pt")
+    images = make_imagefolder(tmp_path / "imgs", n_train=4, n_test=2) / "train" / "a"
+    code, out, err = predict(example, ["--model", tmp_path / "model.pt", images])
+    assert code == 0, err
+    printed = {part.rsplit(" ", 1)[0] for line in out.splitlines()
+               for part in line.split(": ", 1)[1].split(", ")}
+    assert printed and printed <= set(names), out
+    assert torch.load(tmp_path / "model.pt", weights_only=True).keys() == state.keys()
+    getattr(mod, MODELS[example])().load_state_dict(torch.load(tmp_path / "model.pt",
+                                                               weights_only=True))
+    torch.save({k: v for k, v in state.items() if torch.is_tensor(v)}, tmp_path / "old.pt")
+    (tmp_path / "empty").mkdir()
+    for argv, needle in [(["--model", tmp_path / "old.pt", images], "class names"),
+                         (["--model", tmp_path / "model.pt", tmp_path / "empty"], "no images")]:
         code, out, err = predict(example, argv)
         assert_clean_error(code, err, needle)
         assert out == ""
