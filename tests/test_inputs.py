@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -376,16 +377,30 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_overwrite_removes_the_old_run_and_only_it(example, tmp_path):
-    """--overwrite clears the old run's files (and its monitor/ csv files, which would otherwise get
-    the new run's rows appended) before anything is written; files that are not the run's stay."""
+def test_overwrite_sets_the_old_run_aside_and_a_failure_puts_it_back(example, tmp_path, monkeypatch):
+    """--overwrite moves the old run's files (and its monitor/ csv files, which would otherwise get
+    the new run's rows appended) out of the way before anything is written; files that are not the
+    run's stay. A new run that fails before its first checkpoint (here DeepSpeed failing to start)
+    puts the old run back byte for byte."""
     mod, out = load_example(example), tmp_path / "o"
     for f in ("checkpoints/epoch0001/x.pt", "checkpoints/latest", "monitor/job/Train_lr.csv", "metrics.json",
-              "model.pt", "notes.txt"):
+              "model.pt", "curves.png", "notes.txt"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
-        (out / f).write_text("old")
-    mod.check_output_dir(mod.parse_args(["--output-dir", str(out), "--overwrite"]))
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        (out / f).write_text(f"old {f}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    seen = []
+
+    def deepspeed_fails():
+        seen.extend(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
+        raise RuntimeError("DeepSpeed failed to start")
+
+    monkeypatch.setattr(mod, "setup_distributed", deepspeed_fails)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        mod.run(["--output-dir", str(out), "--overwrite"])
+    signal.signal(signal.SIGTERM, handler)
+    assert seen == ["notes.txt"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
