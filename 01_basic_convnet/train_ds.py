@@ -14,6 +14,7 @@ a run is never replaced silently: --resume continues it, --overwrite replaces it
 
 import argparse
 import contextlib
+import fcntl
 import glob
 import importlib.util
 import inspect
@@ -546,24 +547,95 @@ def evaluate(engine, batches, classes, args):
 
 
 # ============================================================ checkpoints and outputs
+RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "monitor", "curves.png")  # a run's own
+OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
+
+
 def check_output_dir(args):
     """Never replace a run silently, and check that --output-dir can be written before anything
-    slow starts. Nothing is created before there is something to write."""
+    slow starts. Rank 0 claims the directory first, so that two runs cannot both pass; --overwrite
+    sets the old run aside in .replaced/ (settle_set_aside). A run that wrote nothing leaves
+    nothing behind (release_output_dir)."""
     out = args.output_dir
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UsageError(f"cannot write to --output-dir {out}: {parent} is no writable directory")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        claim_output_dir(out)
+        settle_set_aside(out)  # a run killed while it replaced this one
     held = [f for f in ("metrics.json", "model.pt", "checkpoints") if os.path.exists(f"{out}/{f}")]
     same = args.resume is not None and os.path.realpath(args.resume or out) in (
         os.path.realpath(out), os.path.realpath(f"{out}/checkpoints"))
     if held and not (args.overwrite or same):
         raise UsageError(f"--output-dir {out} already holds a run ({', '.join(held)}).\nAdd "
                          "--resume to continue it, --overwrite to replace it, or choose another")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-        raise UsageError(f"cannot write to --output-dir {out}: {parent} is no writable directory")
-    old = held + [d for d in ("monitor",) if os.path.isdir(f"{out}/{d}")]  # csv rows would append
-    for f in old if args.overwrite and os.environ.get("RANK", "0") == "0" else ():
-        shutil.rmtree(f"{out}/{f}") if f in ("checkpoints", "monitor") else os.remove(f"{out}/{f}")
+    old = [f for f in RUN_FILES if os.path.exists(f"{out}/{f}")]  # monitor/: csv rows would append
+    if old and args.overwrite and rank0:  # gathered, then renamed: a kill -9 never splits them
+        os.mkdir(f"{out}/.moving")
+        for f in old:
+            os.rename(f"{out}/{f}", f"{out}/.moving/{f}")
+        os.rename(f"{out}/.moving", f"{out}/.replaced")
+
+
+def claim_output_dir(out):
+    """Hold --output-dir while this run runs: an flock on a file in it, which the kernel drops
+    however the process ends, kill -9 included. A second run is refused, naming the holder."""
+    made = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(f"{out}/.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        time.sleep(0.1)  # the holder writes its pid just after it locks
+        holder = os.pread(fd, 200, 0).decode()
+        os.close(fd)
+        raise UsageError(f"--output-dir {out} is in use by another run ({holder}); wait for it "
+                         "to end, or choose another --output-dir") from None
+    if os.fstat(fd).st_nlink == 0:  # its last holder removed it as we opened it: a new one
+        os.close(fd)
+        return claim_output_dir(out)
+    holder = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+    os.pwrite(fd, holder, 0)
+    os.ftruncate(fd, len(holder))
+    OWNED.update(fd=fd, made=made)
+
+
+def settle_set_aside(out):
+    """Finish what --overwrite began: the old run in .replaced/ goes once the new run has saved a
+    checkpoint, else it is put back (the new run failed or was killed before its first). What
+    .moving/ holds is on its way, with nothing of the new run in its place."""
+    if os.path.isdir(f"{out}/.replaced") and os.path.isfile(f"{out}/checkpoints/latest"):
+        shutil.rmtree(f"{out}/.replaced")
+    elif os.path.isdir(f"{out}/.replaced"):
+        for new in (f"{out}/{f}" for f in RUN_FILES):  # the failed run's
+            if os.path.isdir(new):
+                shutil.rmtree(new)
+            elif os.path.exists(new):
+                os.remove(new)
+        os.rename(f"{out}/.replaced", f"{out}/.moving")
+    if os.path.isdir(f"{out}/.moving"):
+        for f in os.listdir(f"{out}/.moving"):
+            os.rename(f"{out}/.moving/{f}", f"{out}/{f}")
+        os.rmdir(f"{out}/.moving")
+        say(f"notice: {out}: the run that --overwrite was replacing is back (the new run saved no "
+            "checkpoint)")
+
+
+def release_output_dir(args):
+    """Rank 0, at the end of every run: settle --overwrite's old run, then give the directory up
+    (the file goes first, so that a run waiting on it takes a new one) and remove it if this run
+    made it and left it empty."""
+    if "fd" not in OWNED:
+        return
+    settle_set_aside(args.output_dir)
+    os.remove(f"{args.output_dir}/.lock")
+    os.close(OWNED.pop("fd"))
+    if OWNED.pop("made"):
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(args.output_dir)
 
 
 def read_checkpoint(args):
@@ -668,6 +740,7 @@ def save_epoch(engine, run, args, cfg, own_clip, best):
             if old.startswith("epoch") and old not in (tag, f"epoch{run.best_epoch:04d}"):
                 shutil.rmtree(f"{ckpt}/{old}", ignore_errors=True)
         write_metrics(args, cfg, own_clip, run)
+        settle_set_aside(args.output_dir)  # the run --overwrite replaces goes now
 
 
 def atomic_write(path, write):
@@ -873,6 +946,7 @@ def run(argv=None):
                 dist.barrier()
             dist.destroy_process_group()
         release_shm_buffer()
+        release_output_dir(args)
     return code
 
 
