@@ -156,7 +156,8 @@ def test_a_run_killed_9_frees_the_directory_and_an_old_run_set_aside_comes_back(
     assert killed.rc == -signal.SIGKILL and "DeepSpeed CNN training" in killed.stdout, killed
     rc, out_text, err = in_process(ex, args)
     assert rc == 2 and "already holds a run" in err, err
-    assert len([ln for ln in out_text.splitlines() if ln.startswith("notice:")]) == 1, out_text
+    notices = [ln for ln in out_text.splitlines() if ln.startswith("notice:") and "--overwrite" in ln]
+    assert len(notices) == 1 and "is back" in notices[0], out_text
     assert files(out) == before
     with pytest.raises(ReachedDeepSpeed):
         in_process(ex, args + ["--resume"])
