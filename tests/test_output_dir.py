@@ -44,8 +44,9 @@ def data(example, root, broken=False):
 
 
 def files(out):
-    """Every file under `out`: {relative path: bytes}."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
+    """Every file under `out` but the lock (a run killed -9 leaves it): {relative path: bytes}."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in Path(out).rglob("*")
+            if p.is_file() and p.name != ".lock"}
 
 
 def old_run(out):
