@@ -7,6 +7,7 @@ resized to 28x28 and normalized as MNIST is (white digit on black, as in MNIST).
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -26,17 +27,17 @@ def load_model(path):
                          "or pass --model PATH") from None
     except Exception as e:  # noqa: BLE001 - not a torch file, a pickle with code in it, truncated
         raise SystemExit(f"error: {path} is not a model.pt ({type(e).__name__})") from None
-    classes = state.get("_extra_state", {}).get("classes") if isinstance(state, dict) else None
-    if not classes:
+    names = state.get("_extra_state") if isinstance(state, dict) else None
+    if not torch.is_tensor(names):
         raise SystemExit(f"error: {path} carries no class names (an older train_ds.py wrote it); "
                          "train again to get a model.pt that names its classes")
     try:
-        model = MODEL(num_classes=len(classes))
+        model = MODEL(num_classes=len(json.loads(bytes(names.byte().tolist()))))
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError):  # another example's weights, another shape
+    except (RuntimeError, TypeError, AttributeError, ValueError):  # another model, another shape
         raise SystemExit(f"error: {path} holds no {EXAMPLE} model (its weights do not fit "
                          f"{MODEL.__name__})") from None
-    return model.eval(), classes
+    return model.eval(), model.classes
 
 
 def read_image(path):
