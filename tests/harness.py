@@ -91,12 +91,15 @@ class Run:
 
 
 def launch(example, args=(), *, output_dir=None, ranks=1, launcher="deepspeed", runs=None, drive=(),
-           env=None, cwd=None, timeout=300, stall=None, fsize=None, on_line=None, hang_hint=""):
+           env=None, cwd=None, timeout=300, stall=None, fsize=None, on_line=None, hang_hint="",
+           linger=10):
     """Run `example`'s train_ds.py (launcher: deepspeed | torchrun | python | main.py, 03's launcher). With `runs` (a list of
     argument lists) tests/drive.py runs them one after another in the same ranks, with `drive`'s
     fault options. The process group is killed whole after `timeout` seconds, or after `stall`
     seconds without output: a rank left waiting in a collective fails the test (with `hang_hint`)
-    instead of hanging it. on_line(line, process) sees each output line as it comes."""
+    instead of hanging it. on_line(line, process) sees each output line as it comes. After the
+    launcher exits, its output is read for up to `linger` seconds more, until every process that
+    holds it (its child, the ranks) is gone."""
     args = [str(a) for a in args]
     if output_dir is not None and "--output-dir" not in args:
         args += ["--output-dir", str(output_dir)]
@@ -150,8 +153,9 @@ def launch(example, args=(), *, output_dir=None, ranks=1, launcher="deepspeed", 
             break
         time.sleep(0.1)
     p.wait()
+    end = time.time() + linger
     for r in readers:
-        r.join(timeout=10)
+        r.join(timeout=max(0.0, end - time.time()))
     out, err = "".join(streams["out"]), "".join(streams["err"])
     if why:
         pytest.fail(f"{why}{': ' + hang_hint if hang_hint else ''}\n{out[-3000:]}\n{err[-3000:]}")
