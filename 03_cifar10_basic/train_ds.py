@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -242,6 +243,32 @@ def setup_distributed():
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+@functools.cache  # one watcher per process, however many runs it holds
+def watch_launcher():
+    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
+    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
+    run (a dying process's children get another parent), else stops as on SIGTERM."""
+    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
+        return
+    links = [(os.getpid(), parent_pid(os.getpid()))]
+    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
+        if b"deepspeed.launcher.launch" in f.read():
+            links.append((links[0][1], parent_pid(links[0][1])))
+
+    def watch():
+        while all(parent_pid(pid) == parent for pid, parent in links):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def parent_pid(pid):
+    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
 
 
 def rank0_first(load, device):
@@ -993,8 +1020,10 @@ def report(run, test, data, args, cfg, own_clip, wandb_run):
 
 def run(argv=None):
     """main() as a command: a user's mistake ends in one or two lines and exit code 2, divergence
-    in 3, Ctrl-C in 130, SIGTERM in 143 (naming the checkpoint to resume from); then teardown."""
+    in 3, Ctrl-C in 130, SIGTERM in 143 (naming the checkpoint to resume from), as when the
+    launcher is gone or another rank stopped first; then teardown."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    watch_launcher()
     quiet_known_messages()
     code, args, rank0 = 1, None, os.environ.get("RANK", "0") == "0"
     try:
@@ -1008,10 +1037,12 @@ def run(argv=None):
         print(f"error: training diverged: {e}; nothing was learned from them.\n  check: the data "
               "for NaN/Inf, a lower learning rate, gradient_clipping > 0, --dtype fp32 or bf16",
               file=sys.stderr) if rank0 else None
-    except (KeyboardInterrupt, SystemExit) as e:
+    except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
             signal.signal(sig, signal.SIG_IGN)
-        code = 130 if isinstance(e, KeyboardInterrupt) else e.code
+        if isinstance(e, RuntimeError) and not from_a_collective(e):
+            raise
+        code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 143)
         latest = f"{args.output_dir}/checkpoints/latest" if args else ""
         if rank0 and os.path.isfile(latest):
             with open(latest) as f:
@@ -1026,6 +1057,11 @@ def run(argv=None):
         release_shm_buffer()
         release_output_dir(args)
     return code
+
+
+def from_a_collective(e):
+    """An error raised inside torch.distributed: a collective whose peer rank went away."""
+    return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
 
 
 # ======================================================= DeepSpeed 0.19.8 workarounds
