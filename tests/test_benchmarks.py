@@ -5,11 +5,13 @@ first DeepSpeed start on a machine compiles it (~60-100 s on 2 cores)."""
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from harness import REPO, offline_env
+from harness import REPO, free_port, offline_env
 
 PART_KEYS = ("what", "command", "rc", "wall_s", "batch", "epoch_s", "images_per_s", "step_ms", "extrapolated")
 
@@ -63,3 +65,32 @@ def test_bench_merge_joins_reports_without_running(bench, tmp_path):
     doc = json.loads((tmp_path / "bench.json").read_text())
     assert set(doc["parts"]) == {"seed", "plain"} and len(doc["commands"]) == 2
     assert (tmp_path / "bench.md").read_text().count("- command: `") == 2
+
+
+PHASES_IN_ORDER = ["launcher_start", "launch_start", "worker_start", "first_line", "engine", "first_epoch",
+                   "last_epoch", "report", "worker_exit", "launcher_exit"]
+
+
+def test_phases_times_a_real_launch_in_order(tmp_path):
+    """benchmarks/phases.py around 02 through the real launcher: every phase it can see on synthetic
+    data (no cache file, so no `data` phase) is found, marked by the right line, and in order."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "phases.py"), "--out", str(tmp_path), "--",
+           str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=1", f"--master_port={free_port()}",
+           "02_cifar10/train_ds.py", "--dataset", "synthetic", "--epochs", "2",
+           "--deepspeed_config", "02_cifar10/ds_config_fast.json", "--output-dir", "{run_dir}"]
+    p = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run = json.loads((tmp_path / "run1.json").read_text())
+    times = run["phases"]
+    assert list(times) == PHASES_IN_ORDER, times
+    assert all(a <= b for a, b in zip(times.values(), list(times.values())[1:])), times
+    lines = run["phase_lines"]
+    assert lines["first_line"].startswith("Loading") and lines["engine"].startswith("DeepSpeed CNN training")
+    assert re.match(r"epoch +1/2 ", lines["first_epoch"]) and re.match(r"epoch +2/2 ", lines["last_epoch"])
+    assert lines["report"].startswith("Saved:") and (tmp_path / "runs" / "1" / "metrics.json").is_file()
+    workers = [q for q in run["processes"] if q["role"] == "worker"]
+    assert len(workers) == 1 and "--local_rank=0" in workers[0]["cmdline"], run["processes"]
+    summary = json.loads((tmp_path / "phases.json").read_text())
+    assert [r["phase"] for r in summary["rows"]] == PHASES_IN_ORDER
+    table = (tmp_path / "phases.md").read_text()
+    assert "| worker_exit | report |" in table and "| launcher_exit | worker_exit |" in table
