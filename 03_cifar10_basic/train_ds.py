@@ -50,6 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the tutorial's: pixels [0, 1] -> [-1, 1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DATA_FILES = {"cifar10": "cifar-10-batches-py", "imagefolder": ""}  # --resume checks them
 
 
 # ============================================================ settings
@@ -78,6 +79,8 @@ def parse_args(argv=None):
     add("--resume", nargs="?", const="", metavar="DIR", help="continue from DIR's last checkpoint "
         "(default: --output-dir)")
     add("--overwrite", action="store_true", help="replace the run already in --output-dir")
+    add("--allow-changes", action="store_true", help="--resume with another dataset, data, "
+        "seed or model than the checkpoint's")
     add("--seed", type=int, default=42, help="init, data order and synthetic data")
     add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the config's precision")
     add("--patience", type=int, default=15, help="epochs without a train-loss gain, then stop")
@@ -88,6 +91,9 @@ def parse_args(argv=None):
     add("--wandb", action="store_true", help="log to W&B (also on when WANDB_API_KEY is set)")
     add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
     args = deepspeed.add_config_arguments(p).parse_args(argv)  # adds --deepspeed_config PATH
+    unset = object()  # argparse fills in a default only where the namespace has no value
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
     args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
     for name, low in (("epochs", 1), ("patience", 1), ("log_interval", 1), ("max_bad_steps", 1),
                       ("max_steps", 0), ("warmup_epochs", 0), ("min_improvement", 0),
@@ -530,6 +536,7 @@ class RunState:
     history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
     wall_time_s: float = 0.0
     rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
+    identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
 
     def record(self, row, accuracy, args):
         """Add an epoch's row; True if `accuracy` is the best so far (model.pt is then replaced)."""
@@ -738,8 +745,9 @@ def release_output_dir(args):
             os.rmdir(args.output_dir)
 
 
-def read_checkpoint(args):
-    """The checkpoint --resume names, read and checked before DeepSpeed starts."""
+def read_checkpoint(args, model_class):
+    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
+    again come from it; another dataset, data, seed or model needs --allow-changes."""
     d = args.resume or args.output_dir
     folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
     if not os.path.isfile(f"{folder}/latest"):
@@ -751,12 +759,62 @@ def read_checkpoint(args):
         state = torch.load(files[0], weights_only=False)
     except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
         raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
-    if not isinstance(state, dict) or state.get("example") != EXAMPLE:
-        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE}")
+    example = state.get("example") if isinstance(state, dict) else None
+    if example != EXAMPLE:
+        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
+    was = state.get("run", {}).get("identity")
+    if not was and not args.allow_changes:
+        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
+                         "flags (an older script wrote it); --allow-changes resumes it as told")
+    if was:
+        take_flags(args, was["args"])
+        now = identity(args, model_class)
+        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
+                   if was[k] != now[k]]
+        if changed and not args.allow_changes:
+            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
+                             "(checkpoint -> this command); leave such flags out to continue "
+                             "it, or add --allow-changes if the change is meant")
     if state.get("run", {}).get("epoch", 0) >= args.epochs:
         raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
                          "--epochs to train on")
     return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
+
+
+def take_flags(args, given):
+    """The flags the checkpoint's run was given, where this command does not give them again;
+    where to write, when to stop early and what to resume are this command's own."""
+    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
+    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
+    vars(args).update(taken)
+    args.given.update(taken)
+    if taken:
+        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
+
+
+def identity(args, model_class):
+    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
+    seed or model, and takes the flags ("args") the user gave where they are not given again."""
+    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
+            "model": model_class.__name__, "args": args.given}
+
+
+def data_fingerprint(args):
+    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
+    from the start, middle and end of 256 of them at most. Generated data: --seed and its size."""
+    if args.dataset == "synthetic":
+        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
+    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                   if not f.startswith("."))  # not the decoded-image caches
+    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
+    digest = hashlib.sha256(repr(listing).encode())
+    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
+        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
+            for at in (0, size // 2, max(0, size - 4096)):
+                f.seek(at)
+                digest.update(f.read(4096))
+    return f"{len(files)} files, {digest.hexdigest()[:12]}"
 
 
 def fit_to_checkpoint(cfg, ckpt, world):
@@ -925,10 +983,10 @@ def quality(accuracy):
 # ============================================================ main
 def main(args):
     start = time.time()
+    resume = read_checkpoint(args, Net) if args.resume is not None else None
     world, on_cpu = int(os.environ.get("WORLD_SIZE", 1)), get_accelerator().device_name() == "cpu"
     cfg, dtype, own_clip = load_config(args, world, on_cpu)  # every user input is checked first
     check_output_dir(args)
-    resume = read_checkpoint(args) if args.resume is not None else None
     if resume:
         fit_to_checkpoint(cfg, resume, world)
     rank, world, device = setup_distributed()
@@ -948,6 +1006,8 @@ def main(args):
             training_data=data.trainset)
     data.loader.data_sampler.seed = args.seed  # DeepSpeed's sampler is seeded 0: --seed owns it
     run = restore(engine, resume) if resume else RunState()
+    run.identity = identity(args, Net)  # saved with every checkpoint
+    resumed_at = run.epoch  # model.pt is this run's if a later epoch is the best
     sched, opt = cfg.get("scheduler", {}), cfg["optimizer"]
     gas, n_params = engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters())
     say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
@@ -985,11 +1045,11 @@ def main(args):
         if reason:
             say(reason)
             break
-    report(run, test, data, args, cfg, own_clip, wandb_run)
+    report(run, test, data, args, cfg, own_clip, wandb_run, run.best_epoch > resumed_at)
     return 0
 
 
-def report(run, test, data, args, cfg, own_clip, wandb_run):
+def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
     """The final summary, rated on held-out test accuracy, with train accuracy beside it."""
     last, tier_text = run.history[-1], quality(run.history[-1]["test_accuracy"])
     final = {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
@@ -1004,6 +1064,7 @@ def report(run, test, data, args, cfg, own_clip, wandb_run):
     if dist.get_rank() == 0:
         write_metrics(args, cfg, own_clip, run, final)
         plotted = plot_curves(run.history, f"{args.output_dir}/curves.png")
+        saved = ["model.pt"] * model_saved + ["metrics.json"] + ["curves.png"] * plotted
         say("=" * 80, f"Training finished: {run.epoch} epochs, {run.wall_time_s:.1f}s wall",
             f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
             f"  train accuracy {last['train_accuracy']:.2f}%",
@@ -1011,8 +1072,9 @@ def report(run, test, data, args, cfg, own_clip, wandb_run):
             f"%; model.pt: epoch {run.best_epoch}, chosen on {final['selected_on']})",
             *[f"  accuracy of {c:10s}: {a:6.2f}%" for c, a in zip(data.classes, test["per_class"])],
             f"Quality (held-out test accuracy): {tier_text[0]}: {tier_text[1]}",
-            f"Saved: {args.output_dir}/model.pt, metrics.json"
-            + (", curves.png" if plotted else " (pip install matplotlib for curves.png)"))
+            f"Saved: {args.output_dir}/{', '.join(saved)}"
+            + " (pip install matplotlib for curves.png)" * (not plotted)
+            + f"; model.pt not written: no epoch beat epoch {run.best_epoch}" * (not model_saved))
     if wandb_run:
         wandb_run.summary.update(final)
         wandb_run.finish()

@@ -105,13 +105,15 @@ BAD = {  # case: (flags from (example, tmp dir), words the message must hold)
                          ["--resume", "cannot load"]),
     "resume_other_example": (lambda ex, t: _checkpoint(ex, {"example": "another"}, t),
                              ["--resume", "not a checkpoint of"]),
-    "resume_finished": (lambda ex, t: _checkpoint(ex, {"example": ex, "run": {"epoch": 2}}, t) + ["--epochs", "2"],
+    "resume_finished": (lambda ex, t: _checkpoint(ex, {"example": ex, "run": {"epoch": 2}}, t)
+                        + ["--epochs", "2", "--allow-changes"],
                         ["--resume", "all 2 epochs", "raise --epochs"]),
     "resume_sgd_zero_on_another_count": (  # a 2-rank ZeRO-2 checkpoint of SGD, on 1 rank
         lambda ex, t: _checkpoint(ex, {"example": ex, "run": {"epoch": 1}, "dp_world_size": 2,
                                        "ds_config": {"train_micro_batch_size_per_gpu": 4,
                                                      "optimizer": {"type": "SGD"},
-                                                     "zero_optimization": {"stage": 2}}}, t),
+                                                     "zero_optimization": {"stage": 2}}}, t)
+        + ["--allow-changes"],
         ["ds_to_universal", "SGD", "ZeRO stage 2", "2 ranks", "Adam"]),
     "resume_and_overwrite": (lambda ex, t: ["--resume", "--overwrite"], ["--overwrite"]),
     "output_dir_under_a_file": (lambda ex, t: (t / "f").write_text("x") and ["--output-dir", t / "f" / "o"],
