@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-from train_ds import Net, normalize
+from train_ds import TRANSFORM, Net
 
 EXAMPLE, MODEL = "03_cifar10_basic", Net
 
@@ -41,18 +41,16 @@ def load_model(path):
 
 
 def read_image(path):
-    """One image as the model's input [1, 3, 32, 32]."""
+    """One image as the model's input [1, 3, 32, 32], transformed as in training."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            pixels = im.convert("RGB").resize((32, 32), Image.BILINEAR).tobytes()
+            return TRANSFORM(im.convert("RGB")).unsqueeze(0)
     except FileNotFoundError:
         raise SystemExit(f"error: no such image: {path}") from None
     except (OSError, ValueError):
         raise SystemExit(f"error: {path} is not an image this can read") from None
-    x = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(1, 32, 32, 3)
-    return normalize(x.permute(0, 3, 1, 2))
 
 
 def main(argv=None):

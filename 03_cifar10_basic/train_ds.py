@@ -1,15 +1,15 @@
-"""Example 03: the classic PyTorch-tutorial CNN on CIFAR-10, fed by DeepSpeed's own data loader.
+"""Example 03: the classic CIFAR-10 tutorial CNN, trained with DeepSpeed and its own data loader.
 
   deepspeed --num_gpus=1 train_ds.py --deepspeed --deepspeed_config ds_config.json  # one GPU or CPU
   deepspeed --num_gpus=2 train_ds.py --deepspeed_config ds_config_zero2.json      # ZeRO stage 2
   deepspeed --num_gpus=2 train_ds.py --deepspeed_config ds_config_fp16.json       # fp16 + ZeRO-1
   deepspeed --hostfile=hostfile train_ds.py            # every GPU of the nodes listed in hostfile
   python train_ds.py --dataset synthetic               # one process, no launcher, no download
-  deepspeed --num_gpus=1 train_ds.py --dataset imagefolder --data-dir DIR  # DIR/{train,test}/CLASS/
+  python main.py --num_gpus 2                          # the Python launcher beside this file
   deepspeed --num_gpus=1 train_ds.py --resume          # continue the run in --output-dir
 
 Outputs in --output-dir (default runs/03_cifar10_basic): checkpoints/ (latest and best epoch),
-model.pt (plain state dict of the best epoch), metrics.json and curves.png. A directory holding
+model.pt (plain state dict of the last epoch), metrics.json and curves.png. A directory holding
 a run is never replaced silently: --resume continues it, --overwrite replaces it.
 """
 
@@ -19,7 +19,6 @@ import fcntl
 import functools
 import glob
 import hashlib
-import importlib.util
 import inspect
 import itertools
 import json
@@ -43,33 +42,84 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchvision import datasets, transforms
 
 EXAMPLE = "03_cifar10_basic"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the tutorial's: pixels [0, 1] -> [-1, 1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The tutorial's normalization: pixels [0, 1] -> [-1, 1]; any image size is resized to 32x32.
+NORMALIZE = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(), NORMALIZE])
+TEST_BATCH = 1000  # images per evaluation batch and rank
 DATA_FILES = {"cifar10": "cifar-10-batches-py", "imagefolder": ""}  # --resume checks them
+RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "monitor", "curves.png")  # a run's own
+OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
 
 
-# ============================================================ settings
 class UsageError(Exception):
     """A mistake in flags, config, files or data: one or two lines on stderr, exit code 2."""
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage text
-        raise UsageError(f"{message} (see --help)")
+class TrainingDiverged(Exception):
+    """A non-finite loss in fp32, or an epoch of skipped steps: a diagnosis and exit code 3."""
+
+
+def main(args):
+    start = time.time()
+    ckpt = read_checkpoint(args, Net) if args.resume is not None else None  # may fill in flags
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    on_cpu = get_accelerator().device_name() == "cpu"
+    cfg, dtype = load_config(args, world, on_cpu)  # every user input is checked first
+    check_output_dir(args)
+    if ckpt:
+        fit_to_checkpoint(cfg, ckpt, world)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed)
+    data = load_data(args, cfg, world, device, DTYPES[dtype])
+    model = Net(len(data.classes))
+    model.classes = data.classes  # model.pt carries them
+    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
+    # all-reduce and checkpoints, all as the config says. With training_data= it also builds the
+    # loader: a DistributedSampler gives each rank its own shuffled shard of micro-batches.
+    with config_errors_in_one_line(args.deepspeed_config):
+        engine, _, data.loader, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=cfg,
+            training_data=data.trainset)
+    data.loader.data_sampler.seed = args.seed  # DeepSpeed's sampler is seeded 0: --seed owns it
+    run = restore(engine, ckpt) if ckpt else RunState()
+    run.identity = identity(args, Net)  # saved with every checkpoint
+    print_banner(args, cfg, dtype, engine, data, model)
+
+    for epoch in range(run.epoch, args.epochs):
+        train = train_one_epoch(engine, data, run, args)
+        test = evaluate(engine, data)
+        row = {"epoch": epoch + 1, **train, "test_loss": test["loss"],
+               "test_accuracy": test["accuracy"], "test_images": test["images"],
+               "lr": engine.get_lr()[0]}
+        best = run.record(row, test["accuracy"], args)
+        run.wall_time_s += time.time() - start
+        start = time.time()
+        say(f"epoch {epoch + 1:3d}/{args.epochs} | train loss {row['train_loss']:.4f} acc "
+            f"{row['train_accuracy']:6.2f}% | test loss {test['loss']:.4f} acc "
+            f"{test['accuracy']:6.2f}% | grad norm {row['grad_norm']:.4f} | lr {row['lr']:.3e} | "
+            f"skipped {row['skipped_steps']} | {row['epoch_time_s']:.1f}s "
+            f"{row['images_per_s']:,.0f} img/s" + " | best" * best)
+        save_epoch(engine, run, args, cfg, best)  # every rank: ZeRO saves a shard per rank
+        reason = run.stop_reason(args, engine.global_steps)
+        if reason:
+            say(reason)
+            break
+    report(run, args, cfg, data.classes)
+    return 0
 
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.splitlines()[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--epochs", type=int, default=2, help="epochs")
-    add("--warmup-epochs", type=float, default=1, help="warmup for WarmupCosineLR/WarmupDecayLR "
-        "configs; the shipped WarmupLR takes warmup_num_steps from the config")
+    add("--epochs", type=int, default=2, help="passes over the training set")
     add("--dataset", choices=["cifar10", "imagefolder", "synthetic"], default="cifar10",
         help="cifar10: torchvision's, in --data-dir (downloaded); imagefolder: "
              "--data-dir/{train,test}/<class>/<image>; synthetic: generated, offline")
@@ -85,19 +135,16 @@ def parse_args(argv=None):
     add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the config's precision")
     add("--patience", type=int, default=15, help="epochs without a train-loss gain, then stop")
     add("--min-improvement", type=float, default=1e-5, help="the train-loss gain that counts")
-    add("--max-bad-steps", type=int, default=100, help="non-finite steps in a row that end the run")
     add("--log-interval", type=int, default=2000, help="steps between [epoch, step] lines")
     add("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    add("--wandb", action="store_true", help="log to W&B (also on when WANDB_API_KEY is set)")
     add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
     args = deepspeed.add_config_arguments(p).parse_args(argv)  # adds --deepspeed_config PATH
     unset = object()  # argparse fills in a default only where the namespace has no value
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
     args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
-    for name, low in (("epochs", 1), ("patience", 1), ("log_interval", 1), ("max_bad_steps", 1),
-                      ("max_steps", 0), ("warmup_epochs", 0), ("min_improvement", 0),
-                      ("synthetic_size", 10)):
+    for name, low in (("epochs", 1), ("patience", 1), ("log_interval", 1), ("max_steps", 0),
+                      ("min_improvement", 0), ("synthetic_size", 10)):
         if getattr(args, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, "
                              f"not {getattr(args, name)}")
@@ -106,23 +153,14 @@ def parse_args(argv=None):
     return args
 
 
-def say(*lines):
-    """Print on global rank 0 only (the launcher's RANK; plain `python` is rank 0)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(*lines, sep="\n", flush=True)
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage text
+        raise UsageError(f"{message} (see --help)")
 
 
-def first_line(e):
-    """One line about any exception, also one with an empty message."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
-# ============================================================ config
 def load_config(args, world, on_cpu):
-    """Read and check the DeepSpeed JSON before anything slow starts. It owns batch size,
-    precision, optimizer, scheduler and ZeRO; the script settles the precision (--dtype) and who
-    clips gradients. Returns (config, dtype, clip applied by the script or None)."""
+    """Read and check the DeepSpeed JSON before anything slow starts: it owns batch size,
+    precision, optimizer, scheduler and ZeRO. Returns (config, precision name)."""
     try:
         with open(args.deepspeed_config) as f:
             cfg = json.load(f)
@@ -131,32 +169,26 @@ def load_config(args, world, on_cpu):
         raise UsageError(f"DeepSpeed config {what}: {args.deepspeed_config} ({first_line(e)})"
                          ) from None
     check_config(cfg, args.deepspeed_config, world)
-    # Precision, one rule in every example: DeepSpeed's own fp16 or bf16 section, else fp32.
-    dtype = args.dtype if args.dtype != "auto" else next(
-        (k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")), "fp32")
+    # Precision: --dtype, else the config's fp16 or bf16 section, else fp32.
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = next((k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")), "fp32")
     if dtype == "fp16" and on_cpu:
         say("notice: fp16 is not supported on the CPU; training in fp32 instead")
         dtype = "fp32"
-    fp16, _ = {**cfg.pop("fp16", {}), "enabled": True}, cfg.pop("bf16", None)
-    if dtype != "fp32":  # bf16's check_grad_overflow: DeepSpeed skips non-finite steps at any stage
-        cfg[dtype] = fp16 if dtype == "fp16" else {"enabled": True, "check_grad_overflow": True}
+    sections = {"fp16": cfg.pop("fp16", {}), "bf16": cfg.pop("bf16", {})}
+    if dtype != "fp32":
+        cfg[dtype] = {**sections[dtype], "enabled": True}
+    if dtype == "bf16":  # without it DeepSpeed's bf16 applies a step with non-finite gradients
+        cfg["bf16"]["check_grad_overflow"] = True
     refuse_fp16_without_zero(cfg, args.deepspeed_config)
-    # Who clips. In fp32 without ZeRO, DeepSpeed neither skips non-finite steps nor reports the
-    # gradient norm, so the script takes the global norm itself (optimizer_step) and clips with
-    # it; DeepSpeed's own fp32 clipping would take a second norm, one parameter at a time.
-    own_clip = None
-    if dtype == "fp32" and cfg.get("zero_optimization", {}).get("stage", 0) == 0:
-        own_clip, cfg["gradient_clipping"] = cfg.get("gradient_clipping", 1.0), 0.0
     cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
-    for monitor in ("csv_monitor", "tensorboard"):  # DeepSpeed's own monitors: output in the run
-        if cfg.get(monitor, {}).get("enabled") and not cfg[monitor].get("output_path"):
-            cfg[monitor].update(output_path=f"{args.output_dir}/monitor", job_name=EXAMPLE)
-    return cfg, dtype, own_clip
+    return cfg, dtype
 
 
 def check_config(cfg, path, world):
     """What DeepSpeed would reject late, vaguely or not at all; each message names the key, the
-    value and what is allowed. DeepSpeed's parser checks the rest (check_keys_deepspeed_reads)."""
+    value and what is allowed."""
     def need(ok, key, value, allowed):
         if not ok:
             raise UsageError(f"{path}: {key} = {json.dumps(value)}: allowed: {allowed}")
@@ -165,13 +197,11 @@ def check_config(cfg, path, world):
         return type(v) in (int, float)  # not bool
 
     need(isinstance(cfg, dict), "the file", "...", "one JSON object {...}")
-    for key in ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast",
-                "csv_monitor", "tensorboard"):
+    for key in ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast"):
         need(isinstance(cfg.get(key, {}), dict), key, cfg.get(key), "a JSON object {...}")
     cfg.setdefault("gradient_accumulation_steps", 1)
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        value = cfg.get(key)
-        need(type(value) is int and value > 0, key, value, "a positive integer")
+        need(type(cfg.get(key)) is int and cfg[key] > 0, key, cfg.get(key), "a positive integer")
     batch = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
     need(cfg.get("train_batch_size", batch) == batch, "train_batch_size",
          cfg.get("train_batch_size"), f"micro batch x accumulation x {world} ranks = {batch}; "
@@ -182,9 +212,6 @@ def check_config(cfg, path, world):
     for key, v in cfg["optimizer"].get("params", {}).items():
         need(isinstance(v, bool) or num(v) and (v > 0 or key != "lr") or isinstance(v, list) and
              all(map(num, v)), f"optimizer.params.{key}", v, "a number (lr > 0)")
-    for key, v in cfg.get("scheduler", {}).get("params", {}).items():
-        need(num(v) or key == "warmup_type" and v in ("log", "linear"), f"scheduler.params.{key}",
-             v, 'a number (warmup_type: "log" or "linear")')
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     need(stage in (0, 1, 2, 3) and type(stage) is int, "zero_optimization.stage", stage,
          "0, 1, 2 or 3")
@@ -194,9 +221,6 @@ def check_config(cfg, path, world):
          "fp16.enabled and bf16.enabled", True, "one of them at most")
     need(not cfg.get("torch_autocast", {}).get("enabled"), "torch_autocast.enabled", True,
          "false; this script uses DeepSpeed's bf16 or fp16 section (or --dtype) instead")
-    need(not cfg.get("tensorboard", {}).get("enabled") or importlib.util.find_spec("tensorboard"),
-         "tensorboard.enabled", True, "false, or pip install tensorboard (not installed)")
-    check_keys_deepspeed_reads(cfg, path)
     check_constructor_params(cfg, path)
 
 
@@ -224,450 +248,6 @@ def check_constructor_params(cfg, path):
         if cls and unknown:
             raise UsageError(f"{path}: {section}.params.{min(unknown)}: {cls.__name__} takes no "
                              f"such parameter; it takes {', '.join(takes)}")
-
-
-def fill_schedule(cfg, args, steps_per_epoch):
-    """WarmupCosineLR and WarmupDecayLR need the run's length in optimizer steps, which depends on
-    the dataset, the epochs and this run's world size: the script fills it in."""
-    if cfg.get("scheduler", {}).get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
-        params = cfg["scheduler"].setdefault("params", {})
-        params["total_num_steps"] = total = max(1, args.epochs * steps_per_epoch)
-        params["warmup_num_steps"] = max(1, min(total, round(args.warmup_epochs * steps_per_epoch)))
-
-
-# ============================================================ distributed setup
-def setup_distributed():
-    """(rank, world size, device). Under plain `python` it first sets what a launcher would."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    accel, local_rank = get_accelerator(), int(os.environ["LOCAL_RANK"])
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-@functools.cache  # one watcher per process, however many runs it holds
-def watch_launcher():
-    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
-    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
-    run (a dying process's children get another parent), else stops as on SIGTERM."""
-    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
-        return
-    links = [(os.getpid(), parent_pid(os.getpid()))]
-    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
-        if b"deepspeed.launcher.launch" in f.read():
-            links.append((links[0][1], parent_pid(links[0][1])))
-
-    def watch():
-        while all(parent_pid(pid) == parent for pid, parent in links):
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def parent_pid(pid):
-    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
-
-
-def rank0_first(load, device):
-    """load() on rank 0 first (it may download), then on the others; an error stops every rank."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = load()
-        except UsageError as e:
-            error = e
-    failed = torch.tensor([float(error is not None)], device=device)
-    dist.all_reduce(failed)
-    if failed.item():
-        raise error or UsageError("rank 0 could not load the dataset (it says why)")
-    return result if dist.get_rank() == 0 else load()
-
-
-# ============================================================ data
-def load_data(args, cfg, dtype, rank, world, device):
-    """The training images go to deepspeed.initialize(training_data=...), which builds the loader;
-    the test images are held on the device. Both stay uint8 until a batch is on the device."""
-    say(f"Loading    : {args.dataset}" + f" from {args.data_dir}" * (args.dataset != "synthetic"))
-    if args.dataset == "synthetic":
-        n, classes = args.synthetic_size, CLASSES
-        train, test = synthetic(n, args.seed, 1), synthetic(max(10, n // 5), args.seed, 2)
-    elif os.path.isfile(args.data_dir):
-        raise UsageError(f"--data-dir {args.data_dir} is a file; give a directory")
-    elif args.dataset == "cifar10":
-        train, test, classes = rank0_first(lambda: load_cifar10(args.data_dir), device)
-    else:
-        cache = [args.data_dir, args.output_dir]
-        train, test, classes = rank0_first(lambda: load_imagefolder(args.data_dir, cache), device)
-    # DeepSpeed's DistributedSampler pads each rank's shard to ceil(n / world) images; its loader
-    # keeps a last, smaller batch unless the config sets dataloader_drop_last.
-    shard, micro, gas = math.ceil(len(train[1]) / world), cfg["train_micro_batch_size_per_gpu"], \
-        cfg["gradient_accumulation_steps"]
-    batches = (shard // micro if cfg.get("dataloader_drop_last") else math.ceil(shard / micro))
-    if batches < gas:
-        raise UsageError(f"{len(train[1])} images cannot fill a step of {micro} x {gas} x {world}")
-    test = DeviceBatches(*test, 1000, DTYPES[dtype], rank, world, device, prepare=normalize)
-    return SimpleNamespace(trainset=TensorDataset(*train), loader=None, test=test, val=None,
-                           classes=classes, micro_batches=batches // gas * gas,
-                           dtype=DTYPES[dtype], device=device)
-
-
-class DeviceBatches:
-    """Images in device memory, cut into this rank's batches. Shuffled, every epoch each rank takes
-    an equal, distinct shard of one permutation seeded by (seed, epoch): no image is seen twice
-    and all ranks run the same number of steps. Else rank r takes images r, r + world, ...
-    prepare(images, generator, places, n) turns a shard into model inputs, once per epoch. The
-    number of batches is a multiple of `group` (whole gradient-accumulation windows)."""
-
-    def __init__(self, images, labels, size, dtype, rank, world, device, shuffle=False, seed=0,
-                 prepare=None, group=1):
-        self.images, self.labels, self.size = images.to(device), labels.to(device), size
-        self.dtype, self.rank, self.world, self.shuffle = dtype, rank, world, shuffle
-        self.seed, self.prepare, n = seed, prepare, len(labels)
-        self.shard = n // world if shuffle else len(range(rank, n, world))
-        self.batches = math.ceil(self.shard / size) // group * group
-        if self.batches == 0:
-            raise UsageError(f"{n} images cannot fill a step of {size} x {group} x {world} ranks")
-
-    def __len__(self):
-        return self.batches
-
-    def epoch(self, epoch):
-        """This epoch's (images, labels) batches, model inputs on the device."""
-        g, n = torch.Generator().manual_seed(self.seed * 1000 + epoch), len(self.labels)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        places = torch.arange(n)[self.rank::self.world][:self.shard]  # in the epoch's permutation
-        idx = order[places].to(self.images.device)
-        x = self.prepare(self.images[idx], g, places, n) if self.prepare else self.images[idx]
-        x, y, b = x.to(self.dtype), self.labels[idx], self.size
-        return [(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(self.batches)]
-
-
-def normalize(images, *_):
-    """uint8 pixels to the per-channel standardized floats the model trains on."""
-    mean, std = channel_stats(images.device)
-    return (images.float() / 255 - mean) / std
-
-
-@functools.cache  # MEAN and STD copied to the device once, not for every batch
-def channel_stats(device):
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
-
-
-def train_batches(data, epoch):
-    """This rank's training micro-batches of one epoch, from DeepSpeed's loader to the device."""
-    data.loader.data_sampler.set_epoch(epoch)  # DeepSpeed never calls it: every epoch, one order
-    try:
-        for x, y in itertools.islice(data.loader, data.micro_batches):  # whole accumulation windows
-            yield normalize(x.to(data.device)).to(data.dtype), y.to(data.device)
-    finally:
-        stop_loader_workers(data.loader)
-
-
-def synthetic(n, seed, split):
-    """n uint8 images in 10 classes: a smooth colour pattern per class (from seed), shifted by up
-    to 4 px, scaled in contrast and buried in noise. Learnable, offline; not CIFAR-10."""
-    protos = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-    protos = F.interpolate(protos, 32, mode="bilinear")
-    protos = (protos - protos.mean((1, 2, 3), keepdim=True)) / protos.std((1, 2, 3), keepdim=True)
-    g = torch.Generator().manual_seed(seed * 1000 + split)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    shift = torch.randint(-4, 5, (n, 2), generator=g)  # pixels down and right
-    x = protos[labels]
-    for a in range(-4, 5):  # roll each image by its own shift: one roll per distinct shift
-        for b in range(-4, 5):
-            sel = (shift[:, 0] == a) & (shift[:, 1] == b)
-            x[sel] = x[sel].roll((a, b), (2, 3))
-    x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g))  # contrast
-    x = x + 3 * torch.randn(x.shape, generator=g)  # noise of 3x the patterns' std
-    return (128 + 25 * x).clamp(0, 255).to(torch.uint8), labels
-
-
-def load_cifar10(data_dir):
-    """torchvision's CIFAR-10 files (it checks their md5 sums) as uint8 [N, 3, 32, 32] tensors."""
-    from torchvision.datasets import CIFAR10
-
-    try:
-        sets = [CIFAR10(data_dir, train=train, download=True) for train in (True, False)]
-    except Exception as e:  # noqa: BLE001 - offline, corrupt or missing files: all user-facing
-        raise UsageError(f"CIFAR-10 is not in {data_dir} (or is corrupted) and could not be "
-                         f"downloaded ({first_line(e)[:80]}).\nFetch https://www.cs.toronto.edu/"
-                         f"~kriz/cifar-10-python.tar.gz and unpack it in {data_dir}, or use "
-                         "--dataset synthetic") from None
-    return *[(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets))
-             for s in sets], CLASSES
-
-
-def load_imagefolder(root, cache_dirs):
-    """root/{train,test}/<class>/<image>, the same class folders in both (sorted, they give the
-    labels). Every image is decoded once, which also checks it; the result is kept beside the data
-    (or in --output-dir) under a key of the files' names, sizes and times: later runs load it."""
-    files, classes = {}, {}
-    for split in ("train", "test"):
-        d = os.path.join(root, split)
-        found = sorted(e.name for e in os.scandir(d) if e.is_dir()) if os.path.isdir(d) else []
-        classes[split] = found
-        files[split] = [(e.path, label) for label, c in enumerate(classes[split])
-                        for e in sorted(os.scandir(os.path.join(d, c)), key=lambda e: e.name)]
-        labels = {label for _, label in files[split]}
-        empty = [c for label, c in enumerate(found) if label not in labels]
-        if not files[split] or empty:
-            raise UsageError(f"--dataset imagefolder: no images in {os.path.join(d, *empty[:1])}"
-                             f" (expected {root}/{{train,test}}/<class>/<image>)")
-    if classes["train"] != classes["test"]:
-        raise UsageError("--dataset imagefolder: class folders differ between train/ ("
-                         f"{', '.join(classes['train'])}) and test/ ({', '.join(classes['test'])})")
-    paths = [path for split in files.values() for path, _ in split]
-    key = hashlib.sha256("".join(f"{os.path.relpath(p, root)}:{s.st_size}:{s.st_mtime_ns};"
-                                 for p in paths for s in [os.stat(p)]).encode()).hexdigest()[:16]
-    caches = [os.path.join(d, f".decoded-{key}.pt") for d in cache_dirs]
-    images = next((x for x in map(read_cache, caches) if x is not None), None)
-    if images is None:
-        images = decode_images(paths)
-        kept = {"images": images, "sha256": hashlib.sha256(images.numpy()).hexdigest()}
-        for cache in caches:  # beside the data if that is writable, else in --output-dir
-            with contextlib.suppress(UsageError):
-                atomic_write(cache, lambda tmp: torch.save(kept, tmp))
-                break
-    labels = torch.tensor([label for split in files.values() for _, label in split])
-    n = len(files["train"])
-    return (images[:n], labels[:n]), (images[n:], labels[n:]), classes["train"]
-
-
-def read_cache(path):
-    """The images kept in `path` if their sha256 (0.3 s for 184 MB) verifies; a file that does not
-    (empty, cut short, changed, not a cache) is named in a notice, and the caller rebuilds it."""
-    with contextlib.suppress(Exception):  # whatever is wrong with the file, decoding repairs it
-        kept = torch.load(path, weights_only=True)
-        if kept["sha256"] == hashlib.sha256(kept["images"].numpy()).hexdigest():
-            return kept["images"]
-    if os.path.exists(path):
-        say(f"Cache      : {path} does not verify; decoding the images again")
-    return None
-
-
-def decode_images(paths):
-    """The images as one uint8 [N, 3, 32, 32] tensor; many are decoded by a pool of processes."""
-    import multiprocessing
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), len(paths) // 1000)
-    if workers < 2:
-        pixels = list(map(decode_image, paths))
-    else:  # close and join, not terminate: a worker killed while holding the queue's lock hangs
-        pool = multiprocessing.get_context("fork").Pool(workers)
-        pixels = pool.map(decode_image, paths, chunksize=256)
-        pool.close()
-        pool.join()
-    bad = next((p for p, px in zip(paths, pixels) if px is None), None)
-    if bad:
-        raise UsageError(f"--dataset imagefolder: cannot read image {bad}; remove or replace it")
-    flat = torch.frombuffer(bytearray(b"".join(pixels)), dtype=torch.uint8)
-    return flat.view(-1, 32, 32, 3).permute(0, 3, 1, 2).contiguous()
-
-
-def decode_image(path):
-    """RGB pixels of one image, resized to 32x32 if needed; None if it cannot be decoded."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB").resize((32, 32), Image.BILINEAR).tobytes()
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-# ============================================================ model
-class Net(nn.Module):
-    """The PyTorch CIFAR-10 tutorial's net, with its default init: conv(3->6, 5x5), pool,
-    conv(6->16, 5x5), pool, fc(400->120), fc(120->84), fc(84->10)."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1, self.conv2, self.pool = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5), nn.MaxPool2d(2)
-        self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, num_classes)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))  # [B, 6, 14, 14]
-        x = self.pool(F.relu(self.conv2(x)))  # [B, 16, 5, 5]
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))  # [B, 10] logits
-
-    classes = CLASSES  # its outputs' names, carried in model.pt; main() sets the dataset's
-
-    def get_extra_state(self):  # a tensor: DeepSpeed's ds_to_universal takes nothing else
-        return torch.tensor(list(json.dumps(list(self.classes)).encode()), dtype=torch.uint8)
-
-    def set_extra_state(self, state):
-        self.classes = json.loads(bytes(state.byte().tolist()))
-
-
-def forward_loss(model, images, labels, args):
-    """Cross-entropy on fp32 logits (the model may compute in bf16/fp16): (loss, logits)."""
-    logits = model(images).float()
-    return F.cross_entropy(logits, labels), logits
-
-
-def predict(model, images, args):
-    """Logits for evaluation."""
-    return model(images).float()
-
-
-def plain_weights(engine):
-    """The model as a plain fp32 state dict. Under fp16/bf16 the optimizer holds the fp32 master
-    weights, under ZeRO-3 each rank a part of them: a collective, so every rank calls it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state = dict(engine.module.state_dict())  # with the class names (get_extra_state)
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)  # None in fp32 without ZeRO: p is the fp32 weight
-        state[name] = p if full is None else full
-    tensors = {k: v.detach().cpu() for k, v in state.items() if torch.is_tensor(v)}
-    return {**state, **{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}}
-
-
-# ============================================================ training
-@dataclass
-class RunState:
-    """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
-    on as if the run had never stopped (the data order follows seed and epoch)."""
-    epoch: int = 0  # epochs completed
-    best_accuracy: float = -1.0  # test accuracy of the best epoch, whose weights are model.pt
-    best_epoch: int = 0
-    best_loss: float = math.inf  # lowest epoch train loss, for early stopping
-    patience_used: int = 0  # epochs since the train loss last gained --min-improvement
-    skipped_steps: int = 0  # non-finite steps skipped so far
-    history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
-    wall_time_s: float = 0.0
-    rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
-    identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
-
-    def record(self, row, accuracy, args):
-        """Add an epoch's row; True if `accuracy` is the best so far (model.pt is then replaced)."""
-        self.history.append(row)
-        self.epoch, self.skipped_steps = row["epoch"], self.skipped_steps + row["skipped_steps"]
-        gained = row["train_loss"] < self.best_loss - args.min_improvement
-        self.patience_used = 0 if gained else self.patience_used + 1
-        self.best_loss = min(self.best_loss, row["train_loss"])
-        if accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = accuracy, self.epoch
-        return self.best_epoch == self.epoch
-
-    def stop_reason(self, args, steps):
-        """Why training ends before its last epoch, or None; from global numbers: on every rank."""
-        if 0 < args.max_steps <= steps:
-            return f"Stopping at --max-steps {args.max_steps}"
-        if self.patience_used >= args.patience and self.epoch < args.epochs:
-            return f"Early stopping: no train-loss gain for {args.patience} epochs"
-        return None
-
-
-class TrainingDiverged(Exception):
-    """Too many non-finite steps in a row: a diagnosis on stderr and exit code 3."""
-
-
-def train_one_epoch(engine, data, run, args, own_clip):
-    """One pass over this rank's shard. Sums of loss x images, hits and grad norms stay on the
-    device, read (and summed over ranks) only for a log line and at the epoch's end."""
-    gas, dev, start = engine.gradient_accumulation_steps(), engine.device, time.time()
-    sums, window = torch.zeros(2, 3, device=dev), torch.zeros(3, device=dev)  # [line, epoch]
-    images, steps, skipped, bad_in_a_row, t0 = [0, 0, 0], [0, 0], 0, 0, start  # window, line, epoch
-    for i, (x, y) in enumerate(train_batches(data, run.epoch)):
-        boundary = i % gas == gas - 1  # counted here, so that a skipped step cannot shift windows
-        engine.set_gradient_accumulation_boundary(boundary)
-        loss, logits = forward_loss(engine, x, y, args)
-        with reduce_unless_alone(engine):
-            engine.backward(loss)
-        window[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
-        images[0] += len(y)
-        if not boundary:
-            engine.step()  # no update yet: DeepSpeed accumulates the gradients
-            continue
-        window[2], ok = optimizer_step(engine, own_clip)
-        if ok:
-            sums += window
-            images = [0, images[1] + images[0], images[2] + images[0]]
-            steps, bad_in_a_row = [steps[0] + 1, steps[1] + 1], 0
-        else:
-            images[0], skipped, bad_in_a_row = 0, skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row >= args.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} non-finite steps in a row in epoch "
-                                       f"{run.epoch + 1}")
-        window.zero_()
-        if ok and steps[1] % args.log_interval == 0:  # the tutorial's [epoch, step] line
-            loss_, acc, norm = global_means(sums[0], images[1], steps[0])
-            say(f"[{run.epoch + 1}, {steps[1]:5d}] loss: {loss_:.3f} | acc {acc:6.2f}% | grad norm "
-                f"{norm:.4f} | lr {engine.get_lr()[0]:.3e} | step {engine.global_steps} | "
-                f"{images[1] * dist.get_world_size() / (time.time() - t0):,.0f} img/s")
-            record(engine, "Train", {"train_loss": loss_, "train_accuracy": acc, "grad_norm": norm})
-            sums[0].zero_()
-            images[1], steps[0], t0 = 0, 0, time.time()
-        if 0 < args.max_steps <= engine.global_steps:
-            break
-    loss, acc, norm = global_means(sums[1], images[2], steps[1])
-    n, seconds = images[2] * dist.get_world_size(), time.time() - start
-    return {"train_loss": loss, "train_accuracy": acc, "grad_norm": norm, "skipped_steps": skipped,
-            "train_images": n, "epoch_time_s": seconds, "images_per_s": n / seconds}
-
-
-def optimizer_step(engine, own_clip):
-    """The update that ends an accumulation window: (grad norm, applied). A step with non-finite
-    gradients is skipped, the same way on every rank."""
-    norm = 0.0
-    if own_clip is not None:  # fp32 without ZeRO: the script checks and clips (load_config)
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)  # the gradients are all-reduced already
-        if not torch.isfinite(norm):  # the one per-step host read, on this path only
-            engine.zero_grad()
-            return 0.0, False
-        if own_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), own_clip, norm)
-    skipped = engine.skipped_steps
-    engine.step()
-    if engine.skipped_steps != skipped:  # DeepSpeed found non-finite gradients itself
-        return 0.0, False
-    return (engine.get_global_grad_norm() if own_clip is None else norm), True
-
-
-def global_means(sums, images, steps):
-    """(loss, accuracy %, grad norm) over all ranks from this rank's sums; shards are equal."""
-    total, world = sums.double(), dist.get_world_size()
-    dist.all_reduce(total)
-    loss, hits, norm = total.tolist()
-    n = max(images * world, 1)
-    return loss / n, 100 * hits / n, norm / max(steps * world, 1)
-
-
-@torch.no_grad()
-def evaluate(engine, batches, classes, args):
-    """Global loss, accuracy and per-class accuracy (%) over the rank-sharded images."""
-    engine.eval()
-    k = len(classes)
-    sums = torch.zeros(1 + 2 * k, dtype=torch.float64, device=engine.device)
-    for x, y in batches.epoch(0):
-        logits = predict(engine, x, args)
-        sums[0] += F.cross_entropy(logits, y, reduction="sum")
-        sums[1:1 + k].index_add_(0, y, (logits.argmax(1) == y).double())
-        sums[1 + k:].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-    dist.all_reduce(sums)
-    engine.train()
-    hits, seen = sums[1:1 + k], sums[1 + k:]
-    n = seen.sum().item()
-    return {"loss": sums[0].item() / n, "accuracy": 100 * hits.sum().item() / n, "images": int(n),
-            "per_class": (100 * hits / seen.clamp(min=1)).tolist()}
-
-
-# ============================================================ checkpoints and outputs
-RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "monitor", "curves.png")  # a run's own
-OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
 
 
 def check_output_dir(args):
@@ -830,73 +410,362 @@ def data_fingerprint(args):
 
 
 def fit_to_checkpoint(cfg, ckpt, world):
-    """Resume as the checkpoint's run went on: with its global batch where gradient accumulation can
-    make up for another number of ranks (else say what changes), and a ZeRO checkpoint, whose
-    optimizer state is split by rank, read in DeepSpeed's universal form on another count."""
+    """What changes where the checkpoint's run goes on under another config or rank count."""
     old = ckpt.state["ds_config"]
-    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-    was = [old.get(keys[0]), old.get(keys[1], 1), ckpt.state["dp_world_size"]]
-    ckpt.global_batch = math.prod(was)
-    if ckpt.global_batch % (cfg[keys[0]] * world) == 0:
-        cfg[keys[1]] = ckpt.global_batch // (cfg[keys[0]] * world)
-    now = [cfg[keys[0]], cfg[keys[1]], world]
+    stage = old.get("zero_optimization", {}).get("stage", 0)
+    ranks = ckpt.state["dp_world_size"]
+    # Under ZeRO each rank holds its part of the optimizer state: it resumes on as many ranks.
+    if stage > 0 and ranks != world:
+        raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {old['optimizer']['type']} under "
+                         f"ZeRO stage {stage} on {ranks} ranks; resume on {ranks} ranks (02_cifar10 "
+                         "converts an Adam/AdamW one for another count with DeepSpeed's "
+                         "ds_to_universal)")
+    was = [old["train_micro_batch_size_per_gpu"], old.get("gradient_accumulation_steps", 1), ranks]
+    now = [cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], world]
     if now != was:
         say(f"notice: the checkpoint's micro batch x accumulation x ranks was "
-            f"{' x '.join(map(str, was))}, this run's is {' x '.join(map(str, now))}: "
-            + ("the same global batch" if math.prod(now) == ckpt.global_batch else
-               f"the global batch changes from {ckpt.global_batch} to {math.prod(now)}"))
-    if was[2] != world and old.get("zero_optimization", {}).get("stage", 0) > 0:
-        refuse_what_ds_to_universal_cannot_convert(ckpt, old, world)
-        cfg["checkpoint"], ckpt.universal = {"load_universal": True}, True
+            f"{' x '.join(map(str, was))}, this run's is {' x '.join(map(str, now))}: the global "
+            f"batch goes from {math.prod(was)} to {math.prod(now)}")
+
+
+def setup_distributed():
+    """(rank, world size, device). Under plain `python` it first sets what a launcher would."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    accel, local_rank = get_accelerator(), int(os.environ["LOCAL_RANK"])
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+@functools.cache  # one watcher per process, however many runs it holds
+def watch_launcher():
+    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
+    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
+    run (a dying process's children get another parent), else stops as on SIGTERM."""
+    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
+        return
+    links = [(os.getpid(), parent_pid(os.getpid()))]
+    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
+        if b"deepspeed.launcher.launch" in f.read():
+            links.append((links[0][1], parent_pid(links[0][1])))
+
+    def watch():
+        while all(parent_pid(pid) == parent for pid, parent in links):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def parent_pid(pid):
+    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
+
+
+def load_data(args, cfg, world, device, dtype):
+    """Training and test sets of normalized 3x32x32 images. The training set goes to
+    deepspeed.initialize, which builds its loader; the test set is read by every rank in turn."""
+    say(f"Loading    : {args.dataset}" + f" from {args.data_dir}" * (args.dataset != "synthetic"))
+    if args.dataset == "synthetic":
+        sets = [synthetic(args.synthetic_size, args.seed, 1),
+                synthetic(max(10, args.synthetic_size // 5), args.seed, 2)]
+        classes = CLASSES
+    elif args.dataset == "cifar10":
+        sets, classes = rank0_first(lambda: load_cifar10(args.data_dir), device)
+    else:
+        sets, classes = rank0_first(lambda: load_imagefolder(args.data_dir), device)
+    # DeepSpeed's DistributedSampler pads each rank's shard to ceil(n / world) images; its loader
+    # keeps a last, smaller micro-batch. An epoch takes whole gradient-accumulation windows.
+    micro = cfg["train_micro_batch_size_per_gpu"]
+    gas = cfg["gradient_accumulation_steps"]
+    batches = math.ceil(math.ceil(len(sets[0]) / world) / micro)
+    if batches < gas:
+        raise UsageError(f"{len(sets[0])} images cannot fill a step of {micro} x {gas} x {world}")
+    # The test set: each rank its share, padded like the training shards so that every rank runs
+    # as many forward passes (ZeRO-3 gathers weights in each); evaluate() leaves the pads out.
+    test = DataLoader(sets[1], TEST_BATCH, sampler=DistributedSampler(sets[1], shuffle=False))
+    return SimpleNamespace(trainset=sets[0], test=test, classes=classes, device=device,
+                           dtype=dtype, micro_batches=batches // gas * gas, loader=None)
+
+
+def rank0_first(load, device):
+    """load() on rank 0 first (it may download), then on the others; an error stops every rank."""
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = load()
+        except UsageError as e:
+            error = e
+    failed = torch.tensor([float(error is not None)], device=device)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise error or UsageError("rank 0 could not load the dataset (it says why)")
+    return result if dist.get_rank() == 0 else load()
+
+
+def synthetic(n, seed, split):
+    """n normalized images in 10 classes: a smooth random pattern per class (from seed) buried in
+    noise of twice its scale. Learnable, offline; not CIFAR-10."""
+    patterns = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    patterns = F.interpolate(patterns, 32, mode="bilinear")  # [10, 3, 32, 32]
+    g = torch.Generator().manual_seed(seed * 1000 + split)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = patterns[labels] + 2 * torch.randn(n, 3, 32, 32, generator=g)
+    return TensorDataset(images.clamp(-3, 3) / 3, labels)  # in [-1, 1] like the real ones
+
+
+def load_cifar10(data_dir):
+    """torchvision's CIFAR-10 (it checks the files' md5 sums; it downloads them if missing)."""
+    try:
+        sets = [datasets.CIFAR10(data_dir, train=train, download=True, transform=TRANSFORM)
+                for train in (True, False)]
+    except Exception as e:  # noqa: BLE001 - offline, corrupt or missing files: all user-facing
+        raise UsageError(f"CIFAR-10 is not in {data_dir} (or is corrupted) and could not be "
+                         f"downloaded ({first_line(e)[:80]}).\nFetch https://www.cs.toronto.edu/"
+                         f"~kriz/cifar-10-python.tar.gz and unpack it in {data_dir}, or use "
+                         "--dataset synthetic") from None
+    return sets, CLASSES
+
+
+def load_imagefolder(root):
+    """torchvision's ImageFolder of root/train and root/test, with the same class folders (sorted,
+    they give the labels). Every image is opened once here: a broken one stops the run by name
+    before training, not a data-loader worker in the middle of it."""
+    expected = f"(expected {root}/{{train,test}}/<class>/<image>)"
+    try:
+        sets = [datasets.ImageFolder(os.path.join(root, split), TRANSFORM, allow_empty=True)
+                for split in ("train", "test")]
+    except OSError:  # no such folder, or no class folders in it
+        raise UsageError(f"--dataset imagefolder: no images in {root} {expected}") from None
+    for split, ds in zip(("train", "test"), sets):
+        empty = [c for c in ds.classes if ds.class_to_idx[c] not in set(ds.targets)]
+        if empty:
+            raise UsageError(f"--dataset imagefolder: no images in "
+                             f"{os.path.join(root, split, empty[0])} {expected}")
+    if sets[0].classes != sets[1].classes:
+        raise UsageError("--dataset imagefolder: class folders differ between train/ "
+                         f"({', '.join(sets[0].classes)}) and test/ ({', '.join(sets[1].classes)})")
+    for path, _ in sets[0].samples + sets[1].samples:
+        try:
+            sets[0].loader(path)  # what the loader's workers will do: decode, convert to RGB
+        except (OSError, ValueError):
+            raise UsageError(f"--dataset imagefolder: cannot read image {path}; remove or "
+                             "replace it") from None
+    return sets, sets[0].classes
+
+
+class Net(nn.Module):
+    """The PyTorch CIFAR-10 tutorial's net, with its default init: conv(3->6, 5x5), pool,
+    conv(6->16, 5x5), pool, fc(400->120), fc(120->84), fc(84->10)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))  # [B, 6, 14, 14]
+        x = self.pool(F.relu(self.conv2(x)))  # [B, 16, 5, 5]
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)  # [B, 10] logits
+
+    classes = CLASSES  # its outputs' names, carried in model.pt; main() sets the dataset's
+
+    def get_extra_state(self):  # a tensor: DeepSpeed's ds_to_universal takes nothing else
+        return torch.tensor(list(json.dumps(list(self.classes)).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        self.classes = json.loads(bytes(state.byte().tolist()))
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
+    on as if the run had never stopped (the data order follows seed and epoch)."""
+    epoch: int = 0  # epochs completed
+    best_accuracy: float = -1.0  # test accuracy of the best epoch, whose weights are model.pt
+    best_epoch: int = 0
+    best_loss: float = math.inf  # lowest epoch train loss, for early stopping
+    patience_used: int = 0  # epochs since the train loss last gained --min-improvement
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
+    wall_time_s: float = 0.0
+    rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
+    identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
+
+    def record(self, row, accuracy, args):
+        """Add an epoch's row; True if `accuracy` is the best so far (model.pt is then replaced)."""
+        self.history.append(row)
+        self.epoch, self.skipped_steps = row["epoch"], self.skipped_steps + row["skipped_steps"]
+        gained = row["train_loss"] < self.best_loss - args.min_improvement
+        self.patience_used = 0 if gained else self.patience_used + 1
+        self.best_loss = min(self.best_loss, row["train_loss"])
+        if accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = accuracy, self.epoch
+        return self.best_epoch == self.epoch
+
+    def stop_reason(self, args, steps):
+        """Why training ends before its last epoch, or None; from global numbers: on every rank."""
+        if 0 < args.max_steps <= steps:
+            return f"Stopping at --max-steps {args.max_steps}"
+        if self.patience_used >= args.patience and self.epoch < args.epochs:
+            return f"Early stopping: no train-loss gain for {args.patience} epochs"
+        return None
 
 
 def restore(engine, ckpt):
     """Weights, optimizer and LR schedule through DeepSpeed; then the loop's RunState."""
-    if ckpt.universal:  # rank 0 converts it once, beside the original; then every rank reads it
-        if dist.get_rank() == 0 and not os.path.isdir(f"{ckpt.folder}/{ckpt.tag}_universal"):
-            say(f"Converting : {ckpt.folder}/{ckpt.tag} to DeepSpeed's universal checkpoint")
-            to_universal(f"{ckpt.folder}/{ckpt.tag}", f"{ckpt.folder}/{ckpt.tag}_universal")
-        dist.barrier()
-        ckpt.tag += "_universal"
     try:
         engine.load_checkpoint(ckpt.folder, tag=ckpt.tag, load_lr_scheduler_states=True)
     except Exception as e:  # noqa: BLE001 - a truncated shard, another model: user-facing
         raise UsageError(f"--resume: cannot load {ckpt.folder}/{ckpt.tag}: {first_line(e)}"
                          ) from None
-    if engine.train_batch_size() != ckpt.global_batch and engine.lr_scheduler:  # the schedule
-        samples = ckpt.state["global_samples"]  # goes on from the samples seen, not the steps
-        engine.lr_scheduler.last_batch_iteration = samples // engine.train_batch_size() - 1
     run = RunState(**ckpt.state["run"])
     torch.set_rng_state(run.rng["cpu"])
     get_accelerator().set_rng_state(run.rng["device"])
-    monitor_resumes_at(engine, ckpt.state["global_samples"])
     say(f"Resumed    : {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
     return run
 
 
-def to_universal(src, dst):
-    """DeepSpeed's universal checkpoint of `src`: what `python -m deepspeed.checkpoint.
-    ds_to_universal --input_folder SRC --output_folder DST --inject_missing_state` writes (these
-    models need the last flag); into a temporary folder first, then renamed."""
-    from deepspeed.checkpoint import ds_to_universal
+def print_banner(args, cfg, dtype, engine, data, model):
+    """What this run is, with the sizes derived for this world size."""
+    world = dist.get_world_size()
+    steps = data.micro_batches // engine.gradient_accumulation_steps()
+    sched = cfg.get("scheduler", {})
+    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
+        f"Dataset    : {args.dataset}, {len(data.trainset):,} train / "
+        f"{len(data.test.dataset):,} test images, {len(data.classes)} classes",
+        f"Model      : Net, {sum(p.numel() for p in model.parameters()):,} parameters",
+        f"Precision  : {dtype} | ZeRO stage {engine.zero_optimization_stage()} | gradient "
+        f"clipping {engine.gradient_clipping():g} | {engine.device.type} x {world}",
+        f"Batch      : {engine.train_micro_batch_size_per_gpu()} per rank x "
+        f"{engine.gradient_accumulation_steps()} accumulation x {world} ranks = "
+        f"{engine.train_batch_size()} global; {steps} steps/epoch, {steps * args.epochs} in all",
+        f"Schedule   : {cfg['optimizer']['type']} lr {cfg['optimizer']['params']['lr']}, "
+        f"{sched.get('type', 'constant')} {json.dumps(sched.get('params', {}))}",
+        f"Output     : {os.path.abspath(args.output_dir)}", "-" * 80)
 
-    tmp = f"{dst}.tmp{os.getpid()}"
-    opts = SimpleNamespace(input_folder=src, output_folder=tmp, num_extract_workers=1, strict=True,
-                           num_merge_workers=1, keep_temp_folder=False, inject_missing_state=True)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        with contextlib.redirect_stderr(quiet):  # its progress bars
-            ds_to_universal.main(opts)
-    os.replace(tmp, dst)
+
+def train_one_epoch(engine, data, run, args):
+    """One pass over this rank's shard. Loss, hits, grad norm, images and steps are summed on the
+    device, and read (summed over ranks) only for a log line and at the epoch's end."""
+    start = time.time()
+    window = torch.zeros(5, device=data.device)  # loss x images, hits, norm, images, steps
+    line = torch.zeros(5, device=data.device)  # the same since the last log line
+    total = torch.zeros(5, device=data.device)  # and in the whole epoch
+    steps = 0  # optimizer steps applied in this epoch
+    skipped = 0
+    for x, y in train_batches(data, run.epoch):
+        logits = engine(x).float()  # fp32 logits for the loss, whatever the precision
+        loss = F.cross_entropy(logits, y)
+        boundary = engine.is_gradient_accumulation_boundary()  # before step() counts this one
+        engine.backward(loss)  # averaged over ranks; divided by the accumulation steps
+        window[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
+        window[3] += len(y)
+        if not boundary:
+            engine.step()  # no update yet: DeepSpeed accumulates the gradients
+            continue
+        norm = optimizer_step(engine)
+        if norm is None:  # DeepSpeed skipped the step (fp16/bf16), the same on every rank
+            skipped += 1
+        else:
+            window[2] += norm
+            window[4] += 1
+            line += window
+            total += window
+            steps += 1
+        window.zero_()
+        if norm is not None and steps % args.log_interval == 0:  # the tutorial's line
+            loss_, acc, norm_, _ = global_means(line, run)
+            say(f"[{run.epoch + 1}, {steps:5d}] loss: {loss_:.3f} | acc {acc:6.2f}% | grad "
+                f"norm {norm_:.4f} | lr {engine.get_lr()[0]:.3e} | step {engine.global_steps}")
+            line.zero_()
+        if 0 < args.max_steps <= engine.global_steps:
+            break
+    loss, acc, norm, images = global_means(total, run)
+    seconds = time.time() - start
+    return {"train_loss": loss, "train_accuracy": acc, "grad_norm": norm, "skipped_steps": skipped,
+            "train_images": images, "epoch_time_s": seconds, "images_per_s": images / seconds}
 
 
-def save_epoch(engine, run, args, cfg, own_clip, best):
-    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank), the plain weights of a
-    new best. Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save leaves the
-    previous checkpoint in force) and metrics.json; only the latest and best epochs are kept."""
-    ckpt, tag = f"{args.output_dir}/checkpoints", f"epoch{run.epoch:04d}"
+def train_batches(data, epoch):
+    """This rank's training micro-batches of one epoch, from DeepSpeed's loader to the device."""
+    data.loader.data_sampler.set_epoch(epoch)  # DeepSpeed never calls it: every epoch, one order
+    try:
+        for x, y in itertools.islice(data.loader, data.micro_batches):  # whole accumulation windows
+            yield x.to(data.device, data.dtype), y.to(data.device)
+    finally:
+        stop_loader_workers(data.loader)
+
+
+def optimizer_step(engine):
+    """The update that ends an accumulation window: the global gradient norm, or None where
+    DeepSpeed skipped the step for non-finite gradients (fp16, bf16: on every rank alike)."""
+    norm = None
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)  # DeepSpeed reports none in fp32 without ZeRO
+    skipped = engine.skipped_steps
+    engine.step()
+    if engine.skipped_steps != skipped:
+        return None
+    return engine.get_global_grad_norm() if norm is None else norm
+
+
+def global_means(sums, run):
+    """(loss, accuracy %, grad norm, images) over all ranks. In fp32 DeepSpeed applies a step with
+    non-finite gradients, so the loss stays NaN: the run ends (exit code 3); so does an epoch whose
+    every step DeepSpeed skipped (fp16, bf16)."""
+    total = sums.double()
+    dist.all_reduce(total)
+    loss, hits, norm, images, steps = total.tolist()
+    if not math.isfinite(loss) or steps == 0:
+        raise TrainingDiverged(f"the loss is {loss / max(images, 1)} in epoch {run.epoch + 1}")
+    return loss / images, 100 * hits / images, norm / steps, int(images)
+
+
+@torch.no_grad()
+def evaluate(engine, data):
+    """Loss and accuracy (%) over the whole test set, each rank taking its share."""
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=data.device)  # loss, hits, images
+    sampler = data.test.sampler  # it pads every rank's share to one length with the first images
+    places = torch.arange(sampler.rank, sampler.total_size, sampler.num_replicas)
+    real = (places < len(data.test.dataset)).to(data.device)
+    for i, (x, y) in enumerate(data.test):
+        keep = real[i * TEST_BATCH:][:len(y)]
+        y = y.to(data.device)
+        logits = engine(x.to(data.device, data.dtype)).float()
+        sums[0] += (F.cross_entropy(logits, y, reduction="none") * keep).sum()
+        sums[1] += ((logits.argmax(1) == y) & keep).sum()
+        sums[2] += keep.sum()
+    dist.all_reduce(sums)
+    engine.train()
+    loss, hits, images = sums.tolist()
+    return {"loss": loss / images, "accuracy": 100 * hits / images, "images": int(images)}
+
+
+def save_epoch(engine, run, args, cfg, best):
+    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank) and the plain weights.
+    Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save leaves the previous
+    checkpoint in force) and metrics.json; only the latest and best epochs are kept."""
+    ckpt = f"{args.output_dir}/checkpoints"
+    tag = f"epoch{run.epoch:04d}"
     run.rng = {"cpu": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
-    weights = plain_weights(engine) if best else None  # a collective under ZeRO-3
-    if weights and dist.get_rank() == 0:
+    weights = plain_weights(engine)  # a collective under ZeRO-3
+    if dist.get_rank() == 0:
         atomic_write(f"{args.output_dir}/model.pt", lambda tmp: torch.save(weights, tmp))
     try:
         engine.save_checkpoint(ckpt, tag=tag, client_state={"example": EXAMPLE, "run": asdict(run)},
@@ -909,8 +778,21 @@ def save_epoch(engine, run, args, cfg, own_clip, best):
         for old in os.listdir(ckpt):
             if old.startswith("epoch") and old not in (tag, f"epoch{run.best_epoch:04d}"):
                 shutil.rmtree(f"{ckpt}/{old}", ignore_errors=True)
-        write_metrics(args, cfg, own_clip, run)
+        write_metrics(args, cfg, run)
         settle_set_aside(args.output_dir)  # the run --overwrite replaces goes now
+
+
+def plain_weights(engine):
+    """The model as a plain fp32 state dict. Under fp16/bf16 the optimizer holds the fp32 master
+    weights, under ZeRO-3 each rank a part of them: a collective, so every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = dict(engine.module.state_dict())  # with the class names (get_extra_state)
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None in fp32 without ZeRO: p is the fp32 weight
+        state[name] = p if full is None else full
+    tensors = {k: v.detach().cpu() for k, v in state.items() if torch.is_tensor(v)}
+    return {**state, **{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}}
 
 
 def atomic_write(path, write):
@@ -928,21 +810,42 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def write_metrics(args, cfg, own_clip, run, final=None):
+def write_metrics(args, cfg, run, final=None):
     doc = {"example": EXAMPLE, "world_size": dist.get_world_size(), "config": cfg,
-           "gradient_clipping_by_script": own_clip, "epochs": run.history, "final": final,
+           "epochs": run.history, "final": final,
            "args": {k: v for k, v in vars(args).items() if k != "local_rank"}}
     atomic_write(f"{args.output_dir}/metrics.json", lambda t: open(t, "w").write(json.dumps(doc)))
 
 
-def record(engine, group, values, wandb_run=None):
-    """Metrics for DeepSpeed's monitors (csv, TensorBoard: on when the config enables them), indexed
-    by samples seen like DeepSpeed's own rows, and for W&B."""
-    if engine.monitor.enabled:
-        engine.monitor.write_events([(f"{group}/Samples/{k}", v, engine.global_samples)
-                                     for k, v in values.items()])
-    if wandb_run:
-        wandb_run.log({f"{group}/{k}": v for k, v in values.items()}, step=engine.global_samples)
+def report(run, args, cfg, classes):
+    """The final summary, rated on held-out test accuracy, with train accuracy beside it."""
+    last = run.history[-1]
+    tier, meaning = quality(last["test_accuracy"])
+    final = {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
+             "best_test_accuracy": run.best_accuracy, "best_epoch": run.best_epoch,
+             "quality": tier, "epochs_completed": run.epoch,
+             "stopped_early": run.epoch < args.epochs and run.patience_used >= args.patience,
+             "skipped_steps": run.skipped_steps, "wall_time_s": run.wall_time_s,
+             "classes": classes}
+    if dist.get_rank() != 0:
+        return
+    write_metrics(args, cfg, run, final)
+    plotted = plot_curves(run.history, f"{args.output_dir}/curves.png")
+    say("=" * 80, f"Training finished: {run.epoch} epochs, {run.wall_time_s:.1f}s wall",
+        f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
+        f"  train accuracy {last['train_accuracy']:.2f}%",
+        f"  test accuracy  {last['test_accuracy']:.2f}% (best {run.best_accuracy:.2f}% in epoch "
+        f"{run.best_epoch})",
+        f"Quality (held-out test accuracy): {tier}: {meaning}",
+        f"Saved: {args.output_dir}/model.pt, metrics.json"
+        + (", curves.png" if plotted else " (pip install matplotlib for curves.png)"))
+
+
+def quality(accuracy):
+    for floor, tier in ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor")):
+        if accuracy >= floor:
+            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
+                          else "under 50% right: train longer or revisit the learning rate")
 
 
 def plot_curves(history, path):
@@ -969,137 +872,28 @@ def plot_curves(history, path):
     return True
 
 
-def init_wandb(args, cfg):
-    """Weights & Biases when asked for (rank 0 only); a failure only costs the logging."""
-    if not (args.wandb or os.environ.get("WANDB_API_KEY")) or dist.get_rank() != 0:
-        return None
-    try:
-        import wandb
-
-        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))  # W&B's own variable
-        return wandb.init(project="deepspeed-cnn-examples", name=EXAMPLE,
-                          config={"ds_config": cfg, **vars(args)},
-                          settings=wandb.Settings(init_timeout=timeout, silent=True))
-    except Exception as e:  # noqa: BLE001 - no network, a bad key, not installed
-        say(f"warning: Weights & Biases disabled ({first_line(e)[:150]})")
-        return None
+def say(*lines):
+    """Print on global rank 0 only (the launcher's RANK; plain `python` is rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*lines, sep="\n", flush=True)
 
 
-def quality(accuracy):
-    for floor, tier in ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor")):
-        if accuracy >= floor:
-            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
-                          else "under 50% right: train longer or revisit the learning rate")
-
-
-# ============================================================ main
-def main(args):
-    start = time.time()
-    resume = read_checkpoint(args, Net) if args.resume is not None else None
-    world, on_cpu = int(os.environ.get("WORLD_SIZE", 1)), get_accelerator().device_name() == "cpu"
-    cfg, dtype, own_clip = load_config(args, world, on_cpu)  # every user input is checked first
-    check_output_dir(args)
-    if resume:
-        fit_to_checkpoint(cfg, resume, world)
-    rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)
-
-    data = load_data(args, cfg, dtype, rank, world, device)
-    fill_schedule(cfg, args, data.micro_batches // cfg["gradient_accumulation_steps"])
-    model = Net(len(data.classes))
-    model.classes = data.classes  # model.pt carries them
-    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
-    # all-reduce and checkpoints, all as the config says.
-    # training_data=: DeepSpeed builds the loader: a DistributedSampler gives each rank its own
-    # shuffled shard, in micro-batches of train_micro_batch_size_per_gpu.
-    with config_errors_in_one_line(args.deepspeed_config):
-        engine, _, data.loader, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=cfg,
-            training_data=data.trainset)
-    data.loader.data_sampler.seed = args.seed  # DeepSpeed's sampler is seeded 0: --seed owns it
-    run = restore(engine, resume) if resume else RunState()
-    run.identity = identity(args, Net)  # saved with every checkpoint
-    resumed_at = run.epoch  # model.pt is this run's if a later epoch is the best
-    sched, opt = cfg.get("scheduler", {}), cfg["optimizer"]
-    gas, n_params = engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters())
-    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
-        f"Dataset    : {args.dataset}, {len(data.trainset):,} train / {len(data.test.labels):,} "
-        f"test images, 3x32x32, {len(data.classes)} classes, normalized to [-1, 1]",
-        f"Model      : Net, {n_params:,} parameters",
-        f"Precision  : {dtype} | ZeRO stage {engine.zero_optimization_stage()} | gradient clipping "
-        f"{engine.gradient_clipping() if own_clip is None else own_clip:g}"
-        f"{' (by the script)' if own_clip else ''} | device {device.type} | world size {world}",
-        f"Batch      : {cfg['train_micro_batch_size_per_gpu']} per rank x {gas} accumulation x "
-        f"{world} ranks = {engine.train_batch_size()} global; {data.micro_batches} micro-steps "
-        "per epoch",
-        f"Schedule   : {args.epochs} epochs, {opt['type']} lr {opt.get('params', {}).get('lr')}, "
-        f"{sched.get('type', 'constant')} {json.dumps(sched.get('params', {}))}",
-        f"Output     : {os.path.abspath(args.output_dir)}", "-" * 80)
-    wandb_run = init_wandb(args, cfg)
-
-    for epoch in range(run.epoch, args.epochs):
-        train = train_one_epoch(engine, data, run, args, own_clip)
-        test = evaluate(engine, data.test, data.classes, args)
-        row = {"epoch": epoch + 1, **train, "test_loss": test["loss"],
-               "test_accuracy": test["accuracy"], "test_images": test["images"],
-               "lr": engine.get_lr()[0]}
-        best = run.record(row, test["accuracy"], args)
-        run.wall_time_s, start = run.wall_time_s + time.time() - start, time.time()
-        say(f"epoch {epoch + 1:3d}/{args.epochs} | train loss {row['train_loss']:.4f} acc "
-            f"{row['train_accuracy']:6.2f}% | test loss {test['loss']:.4f} acc "
-            f"{test['accuracy']:6.2f}% | grad norm "
-            f"{row['grad_norm']:.4f} | lr {row['lr']:.3e} | skipped {row['skipped_steps']} | "
-            f"{row['epoch_time_s']:.1f}s {row['images_per_s']:,.0f} img/s" + " | best" * best)
-        record(engine, "Epoch", {k: v for k, v in row.items() if k.endswith(("loss", "accuracy"))},
-               wandb_run)
-        save_epoch(engine, run, args, cfg, own_clip, best)
-        reason = run.stop_reason(args, engine.global_steps)
-        if reason:
-            say(reason)
-            break
-    report(run, test, data, args, cfg, own_clip, wandb_run, run.best_epoch > resumed_at)
-    return 0
-
-
-def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
-    """The final summary, rated on held-out test accuracy, with train accuracy beside it."""
-    last, tier_text = run.history[-1], quality(run.history[-1]["test_accuracy"])
-    final = {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
-             "best_test_accuracy": max(h["test_accuracy"] for h in run.history),
-             "best_epoch": run.best_epoch, "selected_on": "val" if data.val else "test",
-             "test_loss": last["test_loss"], "train_loss": last["train_loss"],
-             "quality": tier_text[0], "epochs_completed": run.epoch,
-             "stopped_early": run.epoch < args.epochs and run.patience_used >= args.patience,
-             "skipped_steps": run.skipped_steps, "wall_time_s": run.wall_time_s,
-             "classes": data.classes,
-             "per_class_accuracy": dict(zip(data.classes, test["per_class"]))}
-    if dist.get_rank() == 0:
-        write_metrics(args, cfg, own_clip, run, final)
-        plotted = plot_curves(run.history, f"{args.output_dir}/curves.png")
-        saved = ["model.pt"] * model_saved + ["metrics.json"] + ["curves.png"] * plotted
-        say("=" * 80, f"Training finished: {run.epoch} epochs, {run.wall_time_s:.1f}s wall",
-            f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
-            f"  train accuracy {last['train_accuracy']:.2f}%",
-            f"  test accuracy  {last['test_accuracy']:.2f}% (best {final['best_test_accuracy']:.2f}"
-            f"%; model.pt: epoch {run.best_epoch}, chosen on {final['selected_on']})",
-            *[f"  accuracy of {c:10s}: {a:6.2f}%" for c, a in zip(data.classes, test["per_class"])],
-            f"Quality (held-out test accuracy): {tier_text[0]}: {tier_text[1]}",
-            f"Saved: {args.output_dir}/{', '.join(saved)}"
-            + " (pip install matplotlib for curves.png)" * (not plotted)
-            + f"; model.pt not written: no epoch beat epoch {run.best_epoch}" * (not model_saved))
-    if wandb_run:
-        wandb_run.summary.update(final)
-        wandb_run.finish()
+def first_line(e):
+    """One line about any exception, also one with an empty message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def run(argv=None):
     """main() as a command: a user's mistake ends in one or two lines and exit code 2, divergence
-    in 3, Ctrl-C in 130, SIGTERM in 143 (naming the checkpoint to resume from), as when the
-    launcher is gone or another rank stopped first; then teardown."""
+    in 3, Ctrl-C in 130, SIGTERM in 143, as when the launcher is gone or another rank stopped
+    first; then teardown."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     watch_launcher()
     quiet_known_messages()
-    code, args, rank0 = 1, None, os.environ.get("RANK", "0") == "0"
+    code = 1
+    args = None
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         args = parse_args(argv)
         code = main(args)
@@ -1108,21 +902,18 @@ def run(argv=None):
         print(f"error: {e}", file=sys.stderr) if rank0 else time.sleep(3)  # let rank 0 say why
     except TrainingDiverged as e:
         code = 3
-        print(f"error: training diverged: {e}; nothing was learned from them.\n  check: the data "
-              "for NaN/Inf, a lower learning rate, gradient_clipping > 0, --dtype fp32 or bf16",
-              file=sys.stderr) if rank0 else None
+        print(f"error: training diverged: {e}; DeepSpeed skips such steps only in fp16/bf16.\n"
+              "  check: the data for NaN/Inf, a lower learning rate, gradient_clipping > 0, "
+              "--dtype bf16", file=sys.stderr) if rank0 else None
     except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
             signal.signal(sig, signal.SIG_IGN)
         if isinstance(e, RuntimeError) and not from_a_collective(e):
             raise
         code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 143)
-        latest = f"{args.output_dir}/checkpoints/latest" if args else ""
-        if rank0 and os.path.isfile(latest):
-            with open(latest) as f:
-                epoch = int(f.read().strip()[5:])
-            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; add "
-                  "--resume to the same command to continue", file=sys.stderr)
+        if rank0:
+            print(f"stopped (exit code {code}): --resume goes on from the last saved epoch",
+                  file=sys.stderr)
     finally:
         if dist.is_initialized():
             if code == 0:  # every rank waits for rank 0's last files before tearing down
@@ -1147,41 +938,6 @@ def refuse_fp16_without_zero(cfg, path):
                          "(without ZeRO its updates shrink); add a ZeRO stage or use --dtype bf16")
 
 
-def check_keys_deepspeed_reads(cfg, path):
-    """DeepSpeed ignores top-level keys it does not know, so a typo goes unnoticed: let its parser
-    read the config and note each key it looks up. Its validation errors become one line."""
-    asked = set()
-
-    class Recorder(dict):
-        def get(self, key, default=None):
-            asked.add(key)
-            return super().get(key, default)
-
-        def __getitem__(self, key):
-            asked.add(key)
-            return super().__getitem__(key)
-
-        def __contains__(self, key):
-            asked.add(key)
-            return super().__contains__(key)
-
-        def keys(self):  # DeepSpeed also asks `key in config.keys()`
-            return self
-
-    try:
-        deepspeed.runtime.config.DeepSpeedConfig(Recorder(json.loads(json.dumps(cfg))))
-    except Exception as e:  # noqa: BLE001 - pydantic's errors name the key; the rest: initialize
-        for err in getattr(e, "errors", list)()[:1]:
-            section = next(k for k, v in cfg.items() if isinstance(v, dict) and err["loc"][0] in v)
-            raise UsageError(f"{path}: {'.'.join(map(str, (section, *err['loc'])))} = "
-                             f"{json.dumps(err.get('input'), default=str)}: {err['msg']}") from None
-        return
-    unknown = sorted(set(cfg) - asked)
-    if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; DeepSpeed would ignore "
-                         "them (a typo? see https://www.deepspeed.ai/docs/config-json/)")
-
-
 @contextlib.contextmanager
 def config_errors_in_one_line(path):
     """deepspeed.initialize passes on the optimizer's or scheduler's own errors (a negative warmup,
@@ -1194,17 +950,6 @@ def config_errors_in_one_line(path):
             if f"_configure_{built_in}" in frames:
                 raise UsageError(f"{path}: {section}: {first_line(e)}") from None
         raise
-
-
-def refuse_what_ds_to_universal_cannot_convert(ckpt, old, world):
-    """ds_to_universal (checkpoint/ds_to_universal.py) reads Adam's exp_avg and exp_avg_sq at every
-    ZeRO stage: another optimizer's ZeRO checkpoint ends there in a KeyError."""
-    kind, ranks = old.get("optimizer", {}).get("type"), ckpt.state["dp_world_size"]
-    if str(kind).lower() not in ("adam", "adamw"):
-        raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {kind} under ZeRO stage "
-                         f"{old['zero_optimization']['stage']} on {ranks} ranks, which DeepSpeed's "
-                         f"ds_to_universal cannot convert for {world}: resume on {ranks} ranks, or "
-                         "train with Adam/AdamW or ZeRO stage 0 to change the rank count")
 
 
 def quiet_known_messages():
@@ -1225,25 +970,6 @@ def stop_loader_workers(loader):
     stall for many seconds. Close it when the epoch ends."""
     if loader.data is not None:
         loader.data.close()
-
-
-def reduce_unless_alone(engine):
-    """DeepSpeed all-reduces the gradients after every backward even with one rank and no ZeRO
-    (0.3 ms a step for 02's fast recipe on an H200); its public no_sync() skips that."""
-    alone = dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0
-    return engine.no_sync() if alone else contextlib.nullcontext()
-
-
-def monitor_resumes_at(engine, samples):
-    """DeepSpeed's csv monitor appends, and writes a file's header again in a new process: on
-    resume, drop the rows past the checkpoint and tell it the headers are there."""
-    csv = engine.monitor.csv_monitor if engine.monitor.enabled else None
-    for path in glob.glob(f"{csv.log_dir}/*.csv") if csv and dist.get_rank() == 0 else ():
-        with open(path) as f:
-            header, *rows = f.readlines()
-        kept = [row for row in rows if int(float(row.split(",")[0])) <= samples]
-        atomic_write(path, lambda tmp: open(tmp, "w").writelines([header, *kept]))
-        csv.filenames.append(os.path.basename(path)[: -len(".csv")])
 
 
 def release_shm_buffer():

@@ -65,13 +65,16 @@ def check(example, dtype, config, steps, first):
     import deepspeed
 
     ex = load_example(example)
-    args = ex.parse_args(["--epochs", "4", "--warmup-epochs", "1", "--dtype", dtype]
+    basic = not hasattr(ex, "fill_schedule")  # 03: WarmupLR only, DeepSpeed clips, loss inline
+    args = ex.parse_args(["--epochs", "4", "--dtype", dtype] + ([] if basic else ["--warmup-epochs", "1"])
                          + (["--deepspeed_config", config] if config else []))
     if first:
         ex.setup_distributed()
     device = torch.device(get_device())
-    cfg, dtype, own_clip = ex.load_config(args, 1, device.type == "cpu")
-    ex.fill_schedule(cfg, args, max(1, steps // 4))
+    cfg, dtype, *own_clip = ex.load_config(args, 1, device.type == "cpu")
+    own_clip = own_clip[0] if own_clip else None
+    if not basic:
+        ex.fill_schedule(cfg, args, max(1, steps // 4))
     name, shape = MODELS[example]
     torch.manual_seed(0)
     model = getattr(ex, name)()
@@ -86,9 +89,12 @@ def check(example, dtype, config, steps, first):
     for x, y in batches:
         scales.append(float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0))
         engine.set_gradient_accumulation_boundary(True)
-        loss, _ = ex.forward_loss(engine, x.to(device, in_dtype), y.to(device), args)
+        loss = loss_of(ex, engine, x.to(device, in_dtype), y.to(device), args)
         engine.backward(loss)
-        applied.append(ex.optimizer_step(engine, own_clip)[1])
+        if basic:  # 03's optimizer_step: the gradient norm, or None for a skipped step
+            applied.append(ex.optimizer_step(engine) is not None)
+        else:
+            applied.append(ex.optimizer_step(engine, own_clip)[1])
 
     # The reference: fp32 master weights; forward and backward in the engine's precision.
     opt = reference_optimizer(cfg, ref.parameters())
@@ -102,7 +108,7 @@ def check(example, dtype, config, steps, first):
             work.load_state_dict({**ref.state_dict(), **{n: v.to(in_dtype) for n, v in
                                                          tensors(ref.state_dict()).items()}})
         work.zero_grad()
-        (ex.forward_loss(work, x.to(device, in_dtype), y.to(device), args)[0] * scale).backward()
+        (loss_of(ex, work, x.to(device, in_dtype), y.to(device), args) * scale).backward()
         for p, q in zip(ref.parameters(), work.parameters()):
             p.grad = q.grad.float() / scale
         for name, b in work.named_buffers():  # BatchNorm's running statistics moved in `work`
@@ -121,6 +127,13 @@ def check(example, dtype, config, steps, first):
     return {"example": example, "dtype": dtype, "device": device.type, "steps": steps,
             "clip": clip, "moved": moved, "diff": diff, "relative": diff / max(moved, 1e-12),
             "skipped": applied.count(False)}
+
+
+def loss_of(ex, model, x, y, args):
+    """The example's loss: its forward_loss, or 03's inline cross-entropy on fp32 logits."""
+    if hasattr(ex, "forward_loss"):
+        return ex.forward_loss(model, x, y, args)[0]
+    return torch.nn.functional.cross_entropy(model(x).float(), y)
 
 
 def get_device():

@@ -62,8 +62,12 @@ def setup(tmp_path_factory):
             train_micro_batch_size_per_gpu=s["micro"] // r)) for r in (1, 2)}
         gas2 = config(ex, root / f"{ex}_gas2.json", lambda c: c.update(
             train_micro_batch_size_per_gpu=s["micro"] // 2, gradient_accumulation_steps=2))
-        common = data + ["--epochs", EPOCHS, "--warmup-epochs", 1, "--log-interval", 1]
-        out[ex] = dict(common=common, cfg=cfg, gas2=gas2)
+        common = data + ["--epochs", EPOCHS, "--log-interval", 1]
+        if ex != "03_cifar10_basic":  # 03 ships WarmupLR only: no schedule sized in epochs
+            common += ["--warmup-epochs", 1]
+        # 03 skips a non-finite step where DeepSpeed does (bf16, fp16); in fp32 it stops (exit 3)
+        skips = ["--dtype", "bf16"] if ex == "03_cifar10_basic" else []
+        out[ex] = dict(common=common, cfg=cfg, gas2=gas2, skips=skips)
     return out
 
 
@@ -79,10 +83,10 @@ def jobs(ex, st, tmp):
         st["common"] + ["--deepspeed_config", st["cfg"][1], "--output-dir", tmp / "cut", "--resume"],
         # gradient accumulation 2: a NaN in micro-batch 3 skips the step of micro-batches 2 and 3;
         # the same run without those two micro-batches must end with the same weights
-        st["common"] + ["--deepspeed_config", st["gas2"], "--output-dir", tmp / "gas_nan",
-                        "--epochs", 1],
-        st["common"] + ["--deepspeed_config", st["gas2"], "--output-dir", tmp / "gas_drop",
-                        "--epochs", 1],
+        st["common"] + st["skips"] + ["--deepspeed_config", st["gas2"], "--output-dir",
+                                      tmp / "gas_nan", "--epochs", 1],
+        st["common"] + st["skips"] + ["--deepspeed_config", st["gas2"], "--output-dir",
+                                      tmp / "gas_drop", "--epochs", 1],
         st["common"] + ["--deepspeed_config", st["cfg"][1], "--output-dir", tmp / "ow", "--epochs",
                         1, "--max-steps", 2],
         st["common"] + ["--deepspeed_config", st["cfg"][1], "--output-dir", tmp / "ow", "--epochs",
