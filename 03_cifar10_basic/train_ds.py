@@ -416,10 +416,10 @@ def fit_to_checkpoint(cfg, ckpt, world):
     ranks = ckpt.state["dp_world_size"]
     # Under ZeRO each rank holds its part of the optimizer state: it resumes on as many ranks.
     if stage > 0 and ranks != world:
-        raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {old['optimizer']['type']} under "
-                         f"ZeRO stage {stage} on {ranks} ranks; resume on {ranks} ranks (02_cifar10 "
-                         "converts an Adam/AdamW one for another count with DeepSpeed's "
-                         "ds_to_universal)")
+        kind = old["optimizer"]["type"]
+        raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {kind} under ZeRO stage {stage} "
+                         f"on {ranks} ranks; resume on {ranks} ranks (02_cifar10 converts an "
+                         "Adam/AdamW one for another count with DeepSpeed's ds_to_universal)")
     was = [old["train_micro_batch_size_per_gpu"], old.get("gradient_accumulation_steps", 1), ranks]
     now = [cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], world]
     if now != was:
