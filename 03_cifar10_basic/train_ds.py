@@ -732,7 +732,7 @@ def global_means(sums, run):
     dist.all_reduce(total)
     loss, hits, norm, images, steps = total.tolist()
     if not math.isfinite(loss) or steps == 0:
-        raise TrainingDiverged(f"the loss is {loss / max(images, 1)} in epoch {run.epoch + 1}")
+        raise TrainingDiverged(f"non-finite loss or gradients in epoch {run.epoch + 1}")
     return loss / images, 100 * hits / images, norm / steps, int(images)
 
 
@@ -899,12 +899,16 @@ def run(argv=None):
         code = main(args)
     except UsageError as e:
         code = 2
-        print(f"error: {e}", file=sys.stderr) if rank0 else time.sleep(3)  # let rank 0 say why
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(3)  # let rank 0 say why before the launcher ends every rank
     except TrainingDiverged as e:
         code = 3
-        print(f"error: training diverged: {e}; DeepSpeed skips such steps only in fp16/bf16.\n"
-              "  check: the data for NaN/Inf, a lower learning rate, gradient_clipping > 0, "
-              "--dtype bf16", file=sys.stderr) if rank0 else None
+        if rank0:
+            print(f"error: training diverged: {e}; DeepSpeed skips such steps only in fp16/bf16.\n"
+                  "  check: the data for NaN/Inf, a lower learning rate, gradient_clipping > 0, "
+                  "--dtype bf16", file=sys.stderr)
     except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
             signal.signal(sig, signal.SIG_IGN)

@@ -137,7 +137,9 @@ def battery(tmp_path_factory):
 
 
 def build(example, tmp):
-    base = data_args(example, tmp) + ["--log-interval", "1", "--warmup-epochs", "1"]
+    base = data_args(example, tmp) + ["--log-interval", "1"]
+    if example != "03_cifar10_basic":  # 03 ships WarmupLR only: no schedule sized in epochs
+        base += ["--warmup-epochs", "1"]
     b = {"tmp": tmp, "base": base}
     b["kill_args"] = base + ["--epochs", "4", "--seed", "7"]
     b["killed"] = kill_at_random(example, b["kill_args"], tmp / "kill")
@@ -145,8 +147,11 @@ def build(example, tmp):
 
     # 2 ranks, `deepspeed`: ranks agreeing (runs 0-2), ZeRO-3 (run 3), 01: 2-rank runs at each stage
     other = write_config(example, tmp / "other.json", lambda c: c.update(train_micro_batch_size_per_gpu=2))
-    two = [base + ["--epochs", "4", "--patience", "1", "--min-improvement", "1e9", "--output-dir", tmp / "a"],
-           base + ["--epochs", "2", "--max-bad-steps", "2", "--output-dir", tmp / "b"],
+    # 03 skips non-finite steps where DeepSpeed does (bf16 here); in fp32 its first one ends the run
+    skips, give_up = (["--dtype", "bf16"], []) if example == "03_cifar10_basic" else ([], ["--max-bad-steps", "2"])
+    two = [base + skips + ["--epochs", "4", "--patience", "1", "--min-improvement", "1e9", "--output-dir",
+                           tmp / "a"],
+           base + give_up + ["--epochs", "2", "--output-dir", tmp / "b"],
            base + ["--epochs", "3", "--resume", "--output-dir", tmp / "a", "--deepspeed_config", other]]
     if example == "01_basic_convnet":
         cfg = b["cfg"] = stage_configs(tmp)
@@ -263,7 +268,8 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
       1e9 in one epoch) ends epoch 2 on both ranks: had one rank gone on alone it would wait in a
       collective, and the run would stall;
     - two NaN batches in a row on rank 1 with --max-bad-steps 2: both ranks stop, rank 0 prints the
-      diagnosis, exit code 3, no result files;
+      diagnosis, exit code 3, no result files (03 skips only in bf16/fp16: its first run is bf16, and
+      its fp32 run stops at the first non-finite loss);
     - a resume of the first run with another micro batch: a one-line notice, and training goes on."""
     b = battery(example)
     r, tmp = b["two"], b["tmp"]
@@ -278,8 +284,8 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
               if e["run"] == 0] for k in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) >= 2, ranks  # the same model on both ranks
 
-    assert_clean_error(diverged.rc, diverged.stderr, "training diverged", "2 non-finite steps in a row",
-                       "check:")
+    gave_up = "non-finite loss" if example == "03_cifar10_basic" else "2 non-finite steps in a row"
+    assert_clean_error(diverged.rc, diverged.stderr, "training diverged", gave_up, "check:")
     assert diverged.rc == 3
     assert not (tmp / "b" / "model.pt").exists() and not (tmp / "b" / "metrics.json").exists()
 
@@ -292,15 +298,16 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_a_stopped_run_says_how_to_resume(example, battery):
     """SIGTERM (all three) and Ctrl-C's SIGINT (01) once the first checkpoint exists: one line naming
-    the epoch that is checkpointed and the way to go on, exit code 143 or 130, nothing half-written,
-    and --resume then continues from there."""
+    the epoch that is checkpointed (03, the first rung: saying it stopped) and the way to go on, exit
+    code 143 or 130, nothing half-written, and --resume then continues from there."""
     b = battery(example)
     names, tmp = SIGNALS[example], b["tmp"]
     assert len(b["sent"]) == len(names), b["one"]
     for k, name in enumerate(names):
         stopped, again = b["one"].part(k), b["one"].part(b["resumed_signal"] + k)
         assert stopped.rc == {"SIGTERM": 143, "SIGINT": 130}[name], (name, stopped)
-        assert_clean_error(stopped.rc, stopped.stderr, "stopped: epoch 1 is checkpointed", "--resume")
+        said = "stopped (exit code 143)" if example == "03_cifar10_basic" else "stopped: epoch 1 is checkpointed"
+        assert_clean_error(stopped.rc, stopped.stderr, said, "--resume")
         assert again.rc == 0 and "continuing at epoch 2" in again.stdout, (name, again)
         assert not [p for p in (tmp / f"sig{k}").rglob("*") if ".tmp" in p.name]
 
@@ -339,7 +346,7 @@ def test_disk_full_while_saving(example, battery):
     assert not [p for p in out.rglob("*") if ".tmp" in p.name], list(out.rglob("*"))
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
+@pytest.mark.parametrize("example", ["01_basic_convnet", "02_cifar10"])  # 03 has no W&B
 def test_wandb_with_a_bad_key_warns_once_and_training_goes_on(example, tmp_path, monkeypatch, capsys):
     """W&B asked for (online, a well-formed but bogus key) with no network: one warning within
     W&B's own init timeout, and the run goes on without it."""
