@@ -158,6 +158,78 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def read_checkpoint(args, model_class):
+    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
+    again come from it; another dataset, data, seed or model needs --allow-changes."""
+    d = args.resume or args.output_dir
+    folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
+    if not os.path.isfile(f"{folder}/latest"):
+        raise UsageError(f"--resume: no checkpoint in {d} (no {folder}/latest)")
+    with open(f"{folder}/latest") as f:
+        tag = f.read().strip()
+    files = sorted(glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_.*
+    try:  # DeepSpeed's own file: the model, its config and counters, and the RunState
+        state = torch.load(files[0], weights_only=False)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
+        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
+    example = state.get("example") if isinstance(state, dict) else None
+    if example != EXAMPLE:
+        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
+    was = state.get("run", {}).get("identity")
+    if not was and not args.allow_changes:
+        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
+                         "flags (an older script wrote it); --allow-changes resumes it as told")
+    if was:
+        take_flags(args, was["args"])
+        now = identity(args, model_class)
+        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
+                   if was[k] != now[k]]
+        if changed and not args.allow_changes:
+            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
+                             "(checkpoint -> this command); leave such flags out to continue "
+                             "it, or add --allow-changes if the change is meant")
+    if state.get("run", {}).get("epoch", 0) >= args.epochs:
+        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
+                         "--epochs to train on")
+    return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
+
+
+def take_flags(args, given):
+    """The flags the checkpoint's run was given, where this command does not give them again;
+    where to write, when to stop early and what to resume are this command's own."""
+    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
+    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
+    vars(args).update(taken)
+    args.given.update(taken)
+    if taken:
+        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
+
+
+def identity(args, model_class):
+    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
+    seed or model, and takes the flags ("args") the user gave where they are not given again."""
+    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
+            "model": model_class.__name__, "args": args.given}
+
+
+def data_fingerprint(args):
+    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
+    from the start, middle and end of 256 of them at most. Generated data: --seed and its size."""
+    if args.dataset == "synthetic":
+        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
+    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                   if not f.startswith("."))  # not the decoded-image caches
+    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
+    digest = hashlib.sha256(repr(listing).encode())
+    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
+        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
+            for at in (0, size // 2, max(0, size - 4096)):
+                f.seek(at)
+                digest.update(f.read(4096))
+    return f"{len(files)} files, {digest.hexdigest()[:12]}"
+
+
 def load_config(args, world, on_cpu):
     """Read and check the DeepSpeed JSON before anything slow starts: it owns batch size,
     precision, optimizer, scheduler and ZeRO. Returns (config, precision name)."""
@@ -335,78 +407,6 @@ def release_output_dir(args):
     if OWNED.pop("made"):
         with contextlib.suppress(OSError):  # not empty
             os.rmdir(args.output_dir)
-
-
-def read_checkpoint(args, model_class):
-    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
-    again come from it; another dataset, data, seed or model needs --allow-changes."""
-    d = args.resume or args.output_dir
-    folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
-    if not os.path.isfile(f"{folder}/latest"):
-        raise UsageError(f"--resume: no checkpoint in {d} (no {folder}/latest)")
-    with open(f"{folder}/latest") as f:
-        tag = f.read().strip()
-    files = sorted(glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_.*
-    try:  # DeepSpeed's own file: the model, its config and counters, and the RunState
-        state = torch.load(files[0], weights_only=False)
-    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
-        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
-    example = state.get("example") if isinstance(state, dict) else None
-    if example != EXAMPLE:
-        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
-    was = state.get("run", {}).get("identity")
-    if not was and not args.allow_changes:
-        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
-                         "flags (an older script wrote it); --allow-changes resumes it as told")
-    if was:
-        take_flags(args, was["args"])
-        now = identity(args, model_class)
-        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
-                   if was[k] != now[k]]
-        if changed and not args.allow_changes:
-            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
-                             "(checkpoint -> this command); leave such flags out to continue "
-                             "it, or add --allow-changes if the change is meant")
-    if state.get("run", {}).get("epoch", 0) >= args.epochs:
-        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
-                         "--epochs to train on")
-    return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
-
-
-def take_flags(args, given):
-    """The flags the checkpoint's run was given, where this command does not give them again;
-    where to write, when to stop early and what to resume are this command's own."""
-    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
-    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
-    vars(args).update(taken)
-    args.given.update(taken)
-    if taken:
-        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
-
-
-def identity(args, model_class):
-    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
-    seed or model, and takes the flags ("args") the user gave where they are not given again."""
-    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
-            "model": model_class.__name__, "args": args.given}
-
-
-def data_fingerprint(args):
-    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
-    from the start, middle and end of 256 of them at most. Generated data: --seed and its size."""
-    if args.dataset == "synthetic":
-        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
-    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
-                   if not f.startswith("."))  # not the decoded-image caches
-    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
-    digest = hashlib.sha256(repr(listing).encode())
-    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
-        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
-            for at in (0, size // 2, max(0, size - 4096)):
-                f.seek(at)
-                digest.update(f.read(4096))
-    return f"{len(files)} files, {digest.hexdigest()[:12]}"
 
 
 def fit_to_checkpoint(cfg, ckpt, world):

@@ -211,7 +211,8 @@ def stepdown_problems(src):
     below = [n for n in tree.body if n.lineno > line and not isinstance(n, (ast.FunctionDef, ast.If))]
     problems += [f"line {n.lineno} is no workaround but below their section" for n in below]
     steps = [name for _, _, name in sorted(calls)  # the workarounds keep to their own section
-             if {u.name for u in users[name]} == {"main"} and defs[name].lineno < line]
+             if {u.name for u in users[name]} == {"main"} and defs[name].lineno < line
+             and isinstance(defs[name], ast.FunctionDef)]  # a class is a type, not a step
     steps = list(dict.fromkeys(steps))
     if [defs[n].lineno for n in steps] != sorted(defs[n].lineno for n in steps):
         problems.append(f"main's steps are not in the order main calls them: {steps}")
