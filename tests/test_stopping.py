@@ -1,7 +1,8 @@
 """Stopping from outside (the contract): SIGTERM to the process group, to the `deepspeed` command
 or to its child (DeepSpeed's launch.py) ends every rank within 30 s, with the latest checkpoint
 intact, no traceback from any rank, no process left behind and the resume line printed once.
-Run on 02 with 2 ranks through the real launcher (the code is the same in all three scripts)."""
+Run on 02 with 2 ranks through the real launcher (watch_launcher and the handling of a collective's
+error are the same code in all three scripts; 03's stop line does not name the checkpoint)."""
 
 import contextlib
 import os
