@@ -1033,8 +1033,8 @@ def run(argv=None):
         if rank0 and os.path.isfile(latest):
             with open(latest) as f:
                 epoch = int(f.read().strip()[5:])
-            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; add "
-                  "--resume to the same command to continue", file=sys.stderr)
+            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; "
+                  f"{how_to_resume(args)}", file=sys.stderr)
     finally:
         if dist.is_initialized():
             if code == 0:  # every rank waits for rank 0's last files before tearing down
@@ -1043,6 +1043,11 @@ def run(argv=None):
         release_shm_buffer()
         release_output_dir(args)
     return code
+
+
+def how_to_resume(args):
+    """What the stop line tells the user to do next."""
+    return "add --resume to the same command to continue"
 
 
 def from_a_collective(e):

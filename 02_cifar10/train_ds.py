@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -1147,8 +1148,8 @@ def run(argv=None):
         if rank0 and os.path.isfile(latest):
             with open(latest) as f:
                 epoch = int(f.read().strip()[5:])
-            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; add "
-                  "--resume to the same command to continue", file=sys.stderr)
+            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; "
+                  f"{how_to_resume(args)}", file=sys.stderr)
     finally:
         if dist.is_initialized():
             if code == 0:  # every rank waits for rank 0's last files before tearing down
@@ -1157,6 +1158,20 @@ def run(argv=None):
         release_shm_buffer()
         release_output_dir(args)
     return code
+
+
+def how_to_resume(args):
+    """The command that continues this run: --resume takes every other flag from the checkpoint."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_SIZE", world))  # this node's ranks (DeepSpeed's launcher)
+    if "LOCAL_RANK" not in os.environ:  # plain `python`, one process
+        launcher = "python"
+    elif world > local:  # several nodes
+        launcher = "deepspeed --hostfile=HOSTFILE"
+    else:
+        launcher = f"deepspeed --num_gpus={local}"
+    script = shlex.quote(sys.argv[0])
+    return f"to continue: {launcher} {script} --output-dir {shlex.quote(args.output_dir)} --resume"
 
 
 def from_a_collective(e):

@@ -7,12 +7,13 @@ error are the same code in all three scripts; 03's stop line does not name the c
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
 
 import pytest
-from harness import launch, make_imagefolder, write_config
+from harness import launch, make_imagefolder, script, write_config
 
 pytestmark = pytest.mark.faults
 # Where SIGTERM goes, and the exit code of the `deepspeed` command then: killed by the signal
@@ -64,7 +65,12 @@ def test_sigterm_from_outside_stops_every_rank(target, tmp_path):
     assert int(tag[5:]) >= 1 and not [p for p in out.rglob("*") if ".tmp" in p.name]
     stopped = re.findall(r"^stopped: epoch (\d+) is checkpointed", r.stderr, re.M)
     assert stopped == [str(int(tag[5:]))], r  # once, naming the checkpoint `latest` names
-    if target == "group":  # the checkpoint loads and training goes on from it
-        again = launch("02_cifar10", args + ["--resume", "--max-steps", "1"], output_dir=out,
-                       launcher="python")
+    # 02 prints the command that continues: --resume takes the other flags from the checkpoint
+    told = re.search(r"; to continue: (.+)$", r.stderr, re.M)
+    assert told, r
+    command = shlex.split(told.group(1))
+    assert command[:3] == ["deepspeed", "--num_gpus=2", str(script("02_cifar10"))], command
+    if target == "group":  # the checkpoint loads and training goes on from it, as the line says
+        again = launch("02_cifar10", [*command[3:], "--max-steps", "1"], launcher="python")
         assert again.rc == 0 and f"continuing at epoch {int(tag[5:]) + 1}" in again.stdout, again
+        assert "from the checkpoint:" in again.stdout and "epochs=1000" in again.stdout, again
