@@ -74,6 +74,14 @@ and `timing.json` with every repeat. *Launcher to exit* is timed around the `dee
 *script wall* is the script's own training-loop time (`wall_time_s` in metrics.json). Where a row ran
 several times, the files and the accuracy are those of the run with the median launcher-to-exit time.
 
+The CIFAR-10 runs read a public JPEG export of CIFAR-10 (50,000 train and 10,000 test images, 32x32,
+in `train/<class>/` and `test/<class>/`), not the official pickled batches, which cannot be downloaded
+on these machines. JPEG is lossy, so its pixels differ slightly from the official files, and
+accuracies measured on it can sit a little below those on the official data.
+
+`results/benchmarks/` holds step, phase and recipe studies, each folder with its own README and
+named after the card that ran it; they are not rows of the table.
+
 This file and `index.json` are written by `python results/collect.py`; `tests/test_results.py` checks
 they are current and that the accuracy and time figures the READMEs and docs quote come from a row.
 
