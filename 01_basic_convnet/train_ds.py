@@ -8,7 +8,7 @@
   deepspeed --num_gpus=1 train_ds.py --resume         # continue the run in --output-dir
 
 Outputs in --output-dir (default runs/01_basic_convnet): checkpoints/ (latest and best epoch),
-model.pt (plain state dict of the best epoch), metrics.json and curves.png. A directory holding
+model.pt (plain state dict of the last epoch), metrics.json and curves.png. A directory holding
 a run is never replaced silently: --resume continues it, --overwrite replaces it.
 """
 
@@ -457,7 +457,7 @@ class RunState:
     """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
     on as if the run had never stopped (the data order follows seed and epoch)."""
     epoch: int = 0  # epochs completed
-    best_accuracy: float = -1.0  # test accuracy of the best epoch, whose weights are model.pt
+    best_accuracy: float = -1.0  # the best epoch's accuracy (model.pt is the last epoch)
     best_epoch: int = 0
     best_loss: float = math.inf  # lowest epoch train loss, for early stopping
     patience_used: int = 0  # epochs since the train loss last gained --min-improvement
@@ -468,7 +468,7 @@ class RunState:
     identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
 
     def record(self, row, accuracy, args):
-        """Add an epoch's row; True if `accuracy` is the best so far (model.pt is then replaced)."""
+        """Add an epoch's row; True if `accuracy` is the best so far."""
         self.history.append(row)
         self.epoch, self.skipped_steps = row["epoch"], self.skipped_steps + row["skipped_steps"]
         gained = row["train_loss"] < self.best_loss - args.min_improvement
@@ -806,13 +806,14 @@ def to_universal(src, dst):
     os.replace(tmp, dst)
 
 
-def save_epoch(engine, run, args, cfg, own_clip, best):
-    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank), the plain weights of a
-    new best. Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save leaves the
-    previous checkpoint in force) and metrics.json; only the latest and best epochs are kept."""
+def save_epoch(engine, run, args, cfg, own_clip, write_model):
+    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank), and the plain weights
+    where write_model. Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save
+    leaves the previous checkpoint in force) and metrics.json; only the latest and best epochs'
+    checkpoints are kept."""
     ckpt, tag = f"{args.output_dir}/checkpoints", f"epoch{run.epoch:04d}"
     run.rng = {"cpu": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
-    weights = plain_weights(engine) if best else None  # a collective under ZeRO-3
+    weights = plain_weights(engine) if write_model else None  # a collective under ZeRO-3
     if weights and dist.get_rank() == 0:
         atomic_write(f"{args.output_dir}/model.pt", lambda tmp: torch.save(weights, tmp))
     try:
@@ -932,7 +933,6 @@ def main(args):
                                                config=cfg)
     run = restore(engine, resume) if resume else RunState()
     run.identity = identity(args, CNNModelEnhanced)  # saved with every checkpoint
-    resumed_at = run.epoch  # model.pt is this run's if a later epoch is the best
     sched, opt = cfg.get("scheduler", {}), cfg["optimizer"]
     gas, n_params = engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters())
     say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
@@ -964,21 +964,27 @@ def main(args):
             f"{row['epoch_time_s']:.1f}s {row['images_per_s']:,.0f} img/s" + " | best" * best)
         record(engine, "Epoch", {k: v for k, v in row.items() if k.endswith(("loss", "accuracy"))},
                wandb_run)
-        save_epoch(engine, run, args, cfg, own_clip, best)
+        save_epoch(engine, run, args, cfg, own_clip, write_model=True)  # the last epoch
         reason = run.stop_reason(args, engine.global_steps)
         if reason:
             say(reason)
             break
-    report(run, test, data, args, cfg, own_clip, wandb_run, run.best_epoch > resumed_at)
+    report(run, test, data, args, cfg, own_clip, wandb_run, model_saved=True)
     return 0
 
 
 def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
     """The final summary, rated on held-out test accuracy, with train accuracy beside it."""
     last, tier_text = run.history[-1], quality(run.history[-1]["test_accuracy"])
+    model_epoch = run.epoch  # model.pt: the last epoch, or the best on --val-split images
+    chosen = "the last"
+    if data.val:
+        model_epoch = run.best_epoch
+        chosen = "the best on --val-split"
     final = {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
              "best_test_accuracy": max(h["test_accuracy"] for h in run.history),
-             "best_epoch": run.best_epoch, "selected_on": "val" if data.val else "test",
+             "best_epoch": run.best_epoch, "model_epoch": model_epoch,
+             "selected_on": "val" if data.val else "last",
              "test_loss": last["test_loss"], "train_loss": last["train_loss"],
              "quality": tier_text[0], "epochs_completed": run.epoch,
              "stopped_early": run.epoch < args.epochs and run.patience_used >= args.patience,
@@ -993,12 +999,12 @@ def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
             f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
             f"  train accuracy {last['train_accuracy']:.2f}%",
             f"  test accuracy  {last['test_accuracy']:.2f}% (best {final['best_test_accuracy']:.2f}"
-            f"%; model.pt: epoch {run.best_epoch}, chosen on {final['selected_on']})",
+            f"%; model.pt: epoch {model_epoch}, {chosen})",
             *[f"  accuracy of {c:10s}: {a:6.2f}%" for c, a in zip(data.classes, test["per_class"])],
             f"Quality (held-out test accuracy): {tier_text[0]}: {tier_text[1]}",
             f"Saved: {args.output_dir}/{', '.join(saved)}"
             + " (pip install matplotlib for curves.png)" * (not plotted)
-            + f"; model.pt not written: no epoch beat epoch {run.best_epoch}" * (not model_saved))
+            + f"; model.pt not written: no epoch beat epoch {model_epoch}" * (not model_saved))
     if wandb_run:
         wandb_run.summary.update(final)
         wandb_run.finish()

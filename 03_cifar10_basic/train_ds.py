@@ -595,7 +595,7 @@ class RunState:
     """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
     on as if the run had never stopped (the data order follows seed and epoch)."""
     epoch: int = 0  # epochs completed
-    best_accuracy: float = -1.0  # test accuracy of the best epoch, whose weights are model.pt
+    best_accuracy: float = -1.0  # the best epoch's accuracy (model.pt is the last epoch)
     best_epoch: int = 0
     best_loss: float = math.inf  # lowest epoch train loss, for early stopping
     patience_used: int = 0  # epochs since the train loss last gained --min-improvement
@@ -606,7 +606,7 @@ class RunState:
     identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
 
     def record(self, row, accuracy, args):
-        """Add an epoch's row; True if `accuracy` is the best so far (model.pt is then replaced)."""
+        """Add an epoch's row; True if `accuracy` is the best so far."""
         self.history.append(row)
         self.epoch, self.skipped_steps = row["epoch"], self.skipped_steps + row["skipped_steps"]
         gained = row["train_loss"] < self.best_loss - args.min_improvement

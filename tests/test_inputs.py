@@ -453,7 +453,7 @@ def test_files_are_replaced_whole_never_written_in_place(example, tmp_path, monk
     with gloo():
         own_clip = [] if example == "03_cifar10_basic" else [None]  # 03 has no clipping of its own
         with pytest.raises(mod.UsageError, match="cannot write checkpoint"):
-            mod.save_epoch(Engine(), run, args, {}, *own_clip, best=False)
+            mod.save_epoch(Engine(), run, args, {}, *own_clip, False)  # no model.pt
         monkeypatch.setattr("builtins.open", full_disk_open)
         with pytest.raises(mod.UsageError, match="disk full"):
             mod.write_metrics(args, {}, *own_clip, run)
