@@ -198,7 +198,8 @@ def check_constructor_params(cfg, path):
     from deepspeed.ops.adam import FusedAdam
     from deepspeed.runtime import lr_schedules
 
-    kind, name = str(cfg["optimizer"].get("type")), cfg.get("scheduler", {}).get("type")
+    kind = str(cfg["optimizer"].get("type"))
+    name = cfg.get("scheduler", {}).get("type")
     ours = kind.lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS  # not torch.optim's
     builds = {"optimizer": None if ours else getattr(torch.optim, kind)}
     if kind.lower() in ("adam", "adamw"):  # torch's Adam(W) with "torch_adam", else FusedAdam
@@ -994,7 +995,15 @@ def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
     if dist.get_rank() == 0:
         write_metrics(args, cfg, own_clip, run, final)
         plotted = plot_curves(run.history, f"{args.output_dir}/curves.png")
-        saved = ["model.pt"] * model_saved + ["metrics.json"] + ["curves.png"] * plotted
+        saved = "metrics.json"  # and what else this run wrote, and why a file is missing
+        if model_saved:
+            saved = "model.pt, " + saved
+        if plotted:
+            saved += ", curves.png"
+        else:
+            saved += " (pip install matplotlib for curves.png)"
+        if not model_saved:
+            saved += f"; model.pt not written: no epoch beat epoch {model_epoch}"
         say("=" * 80, f"Training finished: {run.epoch} epochs, {run.wall_time_s:.1f}s wall",
             f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
             f"  train accuracy {last['train_accuracy']:.2f}%",
@@ -1002,9 +1011,7 @@ def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
             f"%; model.pt: epoch {model_epoch}, {chosen})",
             *[f"  accuracy of {c:10s}: {a:6.2f}%" for c, a in zip(data.classes, test["per_class"])],
             f"Quality (held-out test accuracy): {tier_text[0]}: {tier_text[1]}",
-            f"Saved: {args.output_dir}/{', '.join(saved)}"
-            + " (pip install matplotlib for curves.png)" * (not plotted)
-            + f"; model.pt not written: no epoch beat epoch {model_epoch}" * (not model_saved))
+            f"Saved: {args.output_dir}/{saved}")
     if wandb_run:
         wandb_run.summary.update(final)
         wandb_run.finish()
@@ -1122,7 +1129,8 @@ def config_errors_in_one_line(path):
 def refuse_what_ds_to_universal_cannot_convert(ckpt, old, world):
     """ds_to_universal (checkpoint/ds_to_universal.py) reads Adam's exp_avg and exp_avg_sq at every
     ZeRO stage: another optimizer's ZeRO checkpoint ends there in a KeyError."""
-    kind, ranks = old.get("optimizer", {}).get("type"), ckpt.state["dp_world_size"]
+    kind = old.get("optimizer", {}).get("type")
+    ranks = ckpt.state["dp_world_size"]
     if str(kind).lower() not in ("adam", "adamw"):
         raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {kind} under ZeRO stage "
                          f"{old['zero_optimization']['stage']} on {ranks} ranks, which DeepSpeed's "

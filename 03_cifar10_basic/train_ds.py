@@ -302,7 +302,8 @@ def check_constructor_params(cfg, path):
     from deepspeed.ops.adam import FusedAdam
     from deepspeed.runtime import lr_schedules
 
-    kind, name = str(cfg["optimizer"].get("type")), cfg.get("scheduler", {}).get("type")
+    kind = str(cfg["optimizer"].get("type"))
+    name = cfg.get("scheduler", {}).get("type")
     ours = kind.lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS  # not torch.optim's
     builds = {"optimizer": None if ours else getattr(torch.optim, kind)}
     if kind.lower() in ("adam", "adamw"):  # torch's Adam(W) with "torch_adam", else FusedAdam
