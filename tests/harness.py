@@ -46,6 +46,19 @@ def load_example(example):
     return mod
 
 
+def built_once(build, tmp_path_factory):
+    """get(example) -> build(example, a fresh tmp dir), built on first use and kept: a module
+    fixture returns it so that each example's launches run once, whichever test asks first."""
+    built = {}
+
+    def get(example):
+        if example not in built:
+            built[example] = build(example, tmp_path_factory.mktemp(example[:2]))
+        return built[example]
+
+    return get
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

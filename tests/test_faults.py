@@ -27,6 +27,7 @@ from harness import (
     EXAMPLES,
     REPO,
     assert_clean_error,
+    built_once,
     free_port,
     gloo,
     launch,
@@ -126,14 +127,7 @@ def signal_in_epoch_2(names):
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory):
     """battery(example) -> the example's launches (built once per worker, on first use)."""
-    built = {}
-
-    def get(example):
-        if example not in built:
-            built[example] = build(example, tmp_path_factory.mktemp(example[:2]))
-        return built[example]
-
-    return get
+    return built_once(build, tmp_path_factory)
 
 
 def build(example, tmp):

@@ -13,6 +13,7 @@ from harness import (
     EXAMPLES,
     ReachedDeepSpeed,
     assert_clean_error,
+    built_once,
     in_process,
     launch,
     learnable_images,
@@ -40,14 +41,7 @@ def make_data(example, root):
 @pytest.fixture(scope="module")
 def sequences(tmp_path_factory):
     """sequences(example) -> (launch result, tmp dir, first run's flags); built once per example."""
-    built = {}
-
-    def get(example):
-        if example not in built:
-            built[example] = build(example, tmp_path_factory.mktemp(example[:2]))
-        return built[example]
-
-    return get
+    return built_once(build, tmp_path_factory)
 
 
 def build(example, tmp):
