@@ -7,6 +7,8 @@ Conventions the pages follow (docs/docs/*.md):
                                                     `# ...`) marks a cut between quoted runs
   <!-- results: PATH.json -->                        the next table's numbers all come from PATH (repo root)
   front matter `example: 01_basic_convnet`           a bare `train_ds.py` in a command means that example's
+  ![alt](RELATIVE/PATH.png)                         an image, by its path from the .md file (not /img/...): it
+                                                    renders on the code host (GitHub) and in the site
 Shell blocks: a `train_ds.py` command may use only flags its --help lists; every `deepspeed` command, whatever
 it launches, only launcher flags (those before the script path) that the pinned DeepSpeed's --help lists.
 The build and the rendering (`pytest -m site`) need npm and Chromium (`apt-get install -y chromium`).
@@ -361,7 +363,58 @@ def test_results_tables_match_their_files():
     assert not bad, "results tables disagree with their files:\n" + "\n".join(bad)
 
 
-# ---------------------------------------------------------------------------- (d) build and render
+# ---------------------------------------------------------------------------- (d) images
+IGNORED_DIRS = {".venv", "node_modules", "build", ".docusaurus", "runs", "data", ".git", ".pytest_cache"}
+MARKDOWN = sorted(p for p in REPO.rglob("*.md") if not IGNORED_DIRS & set(p.relative_to(REPO).parts))
+IMAGE = re.compile(r'!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)|<img\b[^>]*\bsrc="([^"]+)"')
+
+
+def rendered(text):
+    """Markdown without its code blocks and inline code, where an image is only shown as text."""
+    return re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))
+
+
+def image_problems(md_file, text):
+    """Images a Markdown file shows (outside code) that are not a relative path from it to a
+    file in the repository. The code host resolves an image against the .md file, so the site's
+    static form (/img/x.png) or a URL shows a broken image there."""
+    problems = []
+    for m in IMAGE.finditer(rendered(text)):
+        ref = m.group(1) or m.group(2)
+        path = urllib.parse.unquote(ref.split("#")[0].split("?")[0])
+        target = (md_file.parent / path).resolve()
+        if re.match(r"[A-Za-z][\w+.-]*:", ref) or path.startswith("/"):
+            problems.append(f"{ref}: not a relative path")
+        elif REPO.resolve() not in target.parents:
+            problems.append(f"{ref}: outside the repository")
+        elif not target.is_file():
+            problems.append(f"{ref}: no such file")
+    return problems
+
+
+def test_image_checker_catches_paths_that_do_not_render(tmp_path):
+    page = REPO / "docs" / "docs" / "index.md"  # a real location; the text is made up
+    assert image_problems(page, "![curves](../static/img/01_basic_convnet_cpu_curves.png)\n") == []
+    assert image_problems(page, '<img src="../static/img/01_basic_convnet_cpu_curves.png" alt="c">') == []
+    assert image_problems(page, "![c](/img/01_basic_convnet_cpu_curves.png)") == [
+        "/img/01_basic_convnet_cpu_curves.png: not a relative path"]
+    assert image_problems(page, "![c](https://example.invalid/c.png)")
+    assert image_problems(page, "![c](../static/img/missing.png)") == ["../static/img/missing.png: no such file"]
+    assert image_problems(page, "```markdown\n![c](/img/x.png)\n```\nor `![c](/img/x.png)`") == []  # code
+
+
+def test_every_image_a_markdown_file_shows_exists_at_its_relative_path():
+    assert any(p.parent.name == "docs" and p.parent.parent.name == "docs" for p in MARKDOWN)
+    shown, bad = 0, []
+    for md_file in MARKDOWN:
+        text = md_file.read_text()
+        shown += len(IMAGE.findall(rendered(text)))
+        bad += [f"{md_file.relative_to(REPO)}: {p}" for p in image_problems(md_file, text)]
+    assert shown >= 4, "expected the pages to show the training curves"
+    assert not bad, "images that do not render on the code host:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------- (e) build and render
 def test_site_config_fails_on_broken_links():
     cfg = (DOCS / "docusaurus.config.js").read_text()
     assert "onBrokenLinks: 'throw'" in cfg and "onBrokenMarkdownLinks: 'throw'" in cfg
