@@ -31,6 +31,7 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree
 from pathlib import Path
 
 import pytest
@@ -389,7 +390,18 @@ def image_problems(md_file, text):
             problems.append(f"{ref}: outside the repository")
         elif not target.is_file():
             problems.append(f"{ref}: no such file")
+        elif target.suffix == ".svg" and not svg_parses(target):
+            problems.append(f"{ref}: not well-formed SVG")
     return problems
+
+
+def svg_parses(path):
+    """A hand-written SVG is XML: a browser shows nothing for one that does not parse."""
+    try:
+        root = xml.etree.ElementTree.parse(path).getroot()
+    except xml.etree.ElementTree.ParseError:
+        return False
+    return root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_image_checker_catches_paths_that_do_not_render(tmp_path):
@@ -400,6 +412,10 @@ def test_image_checker_catches_paths_that_do_not_render(tmp_path):
         "/img/01_basic_convnet_cpu_curves.png: not a relative path"]
     assert image_problems(page, "![c](https://example.invalid/c.png)")
     assert image_problems(page, "![c](../static/img/missing.png)") == ["../static/img/missing.png: no such file"]
+    bad_svg = tmp_path / "bad.svg"
+    bad_svg.write_text('<svg xmlns="http://www.w3.org/2000/svg"><text>a < b</text></svg>')
+    assert not svg_parses(bad_svg)
+    assert svg_parses(REPO / "docs" / "static" / "img" / "data-parallel-and-zero.svg")
     assert image_problems(page, "```markdown\n![c](/img/x.png)\n```\nor `![c](/img/x.png)`") == []  # code
 
 
