@@ -49,19 +49,75 @@ from deepspeed.accelerator import get_accelerator
 EXAMPLE = "02_cifar10"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # per channel, pixels in [0, 1]
+MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's per-channel mean and std, of pixels in [0, 1]
+STD = (0.2023, 0.1994, 0.2010)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TEST_BATCH = 1000  # images per evaluation batch and rank
 DATA_FILES = {"cifar10": "cifar-10-batches-py", "imagefolder": ""}  # --resume checks them
+RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "monitor", "curves.png")  # a run's own
+OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
 
 
-# ============================================================ settings
 class UsageError(Exception):
     """A mistake in flags, config, files or data: one or two lines on stderr, exit code 2."""
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage text
-        raise UsageError(f"{message} (see --help)")
+class TrainingDiverged(Exception):
+    """Too many non-finite steps in a row: a diagnosis on stderr and exit code 3."""
+
+
+def main(args):
+    start = time.time()
+    resume = read_checkpoint(args, CIFAR10CNNEnhanced) if args.resume is not None else None
+    world = int(os.environ.get("WORLD_SIZE", 1))  # the launcher's; checked again by DeepSpeed
+    on_cpu = get_accelerator().device_name() == "cpu"
+    cfg, dtype, own_clip = load_config(args, world, on_cpu)  # every user input is checked first
+    check_output_dir(args)
+    if resume:
+        fit_to_checkpoint(cfg, resume, world)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed)
+
+    data = load_data(args, cfg, dtype, rank, world, device)
+    fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
+    model = CIFAR10CNNEnhanced(len(data.classes))
+    model.classes = data.classes  # model.pt carries them
+    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
+    # all-reduce and checkpoints, all as the config says.
+    with config_errors_in_one_line(args.deepspeed_config):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=cfg)
+    run = restore(engine, resume) if resume else RunState()  # epoch, best, history, RNG
+    run.identity = identity(args, CIFAR10CNNEnhanced)  # saved with every checkpoint
+    resumed_at = run.epoch  # with --val-split, model.pt is this run's if it finds a better epoch
+    print_banner(args, cfg, dtype, own_clip, engine, data)
+    wandb_run = init_wandb(args, cfg)
+
+    for epoch in range(run.epoch, args.epochs):
+        train = train_one_epoch(engine, data, run, args, own_clip)
+        test = evaluate(engine, data.test, data.classes, args)
+        row = {"epoch": epoch + 1, **train, "test_loss": test["loss"],
+               "test_accuracy": test["accuracy"], "test_images": test["images"],
+               "lr": engine.get_lr()[0]}
+        chosen_on = test  # which accuracy picks the best epoch: never the test set's for model.pt
+        if data.val:
+            chosen_on = evaluate(engine, data.val, data.classes, args)
+            row["val_accuracy"] = chosen_on["accuracy"]
+        best = run.record(row, chosen_on["accuracy"], args)
+        run.wall_time_s += time.time() - start
+        start = time.time()
+        say(epoch_line(row, args, best))
+        losses = {k: v for k, v in row.items() if k.endswith(("loss", "accuracy"))}
+        record(engine, "Epoch", losses, wandb_run)
+        keep = best or not data.val  # model.pt: the best on --val-split, else the last epoch
+        save_epoch(engine, run, args, cfg, own_clip, write_model=keep)
+        reason = run.stop_reason(args, engine.global_steps)
+        if reason:
+            say(reason)
+            break
+    saved = run.best_epoch > resumed_at or not data.val
+    report(run, test, data, args, cfg, own_clip, wandb_run, model_saved=saved)
+    return 0
 
 
 def parse_args(argv=None):
@@ -97,17 +153,580 @@ def parse_args(argv=None):
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
     args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
-    for name, low in (("epochs", 1), ("patience", 1), ("log_interval", 1), ("max_bad_steps", 1),
-                      ("max_steps", 0), ("val_split", 0), ("warmup_epochs", 0),
-                      ("min_improvement", 0)):
-        if getattr(args, name) < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, "
-                             f"not {getattr(args, name)}")
-    if not 0 <= args.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), not {args.label_smoothing}")
-    if args.resume is not None and args.overwrite:
-        raise UsageError("--resume continues the run in --output-dir, --overwrite replaces it")
+    check_args(args)
     return args
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage text
+        raise UsageError(f"{message} (see --help)")
+
+
+def load_config(args, world, on_cpu):
+    """Read and check the DeepSpeed JSON before anything slow starts. It owns batch size,
+    precision, optimizer, scheduler and ZeRO; the script settles the precision (--dtype) and who
+    clips gradients. Returns (config, dtype, clip applied by the script or None)."""
+    try:
+        with open(args.deepspeed_config) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
+        message = f"DeepSpeed config {what}: {args.deepspeed_config} ({first_line(e)})"
+        raise UsageError(message) from None
+    check_config(cfg, args.deepspeed_config, world)
+    # Precision, one rule in every example: DeepSpeed's own fp16 or bf16 section, else fp32.
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = next((k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")), "fp32")
+    if dtype == "fp16" and on_cpu:
+        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
+        dtype = "fp32"
+    fp16 = {**cfg.pop("fp16", {}), "enabled": True}  # the config's loss-scaling settings
+    cfg.pop("bf16", None)
+    if dtype == "fp16":
+        cfg["fp16"] = fp16
+    if dtype == "bf16":  # check_grad_overflow: DeepSpeed skips non-finite steps at any stage
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    refuse_fp16_without_zero(cfg, args.deepspeed_config)
+    batchnorm_buffers_follow_precision(cfg, dtype)
+    # Who clips. In fp32 without ZeRO, DeepSpeed neither skips non-finite steps nor reports the
+    # gradient norm, so the script takes the global norm itself (optimizer_step) and clips with
+    # it; DeepSpeed's own fp32 clipping would take a second norm, one parameter at a time.
+    own_clip = None
+    if dtype == "fp32" and cfg.get("zero_optimization", {}).get("stage", 0) == 0:
+        own_clip = cfg.get("gradient_clipping", 1.0)
+        cfg["gradient_clipping"] = 0.0
+    cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
+    for monitor in ("csv_monitor", "tensorboard"):  # DeepSpeed's own monitors: output in the run
+        if cfg.get(monitor, {}).get("enabled") and not cfg[monitor].get("output_path"):
+            cfg[monitor].update(output_path=f"{args.output_dir}/monitor", job_name=EXAMPLE)
+    return cfg, dtype, own_clip
+
+
+def fit_to_checkpoint(cfg, ckpt, world):
+    """Resume with the checkpoint's global batch where accumulation can make up for another rank
+    count, and a ZeRO checkpoint (optimizer state split by rank) in DeepSpeed's universal form."""
+    old = ckpt.state["ds_config"]
+    old_ranks = ckpt.state["dp_world_size"]
+    micro = cfg["train_micro_batch_size_per_gpu"]
+    was = [old["train_micro_batch_size_per_gpu"], old.get("gradient_accumulation_steps", 1)]
+    was.append(old_ranks)
+    ckpt.global_batch = math.prod(was)
+    if ckpt.global_batch % (micro * world) == 0:
+        cfg["gradient_accumulation_steps"] = ckpt.global_batch // (micro * world)
+    now = [micro, cfg["gradient_accumulation_steps"], world]
+    if now != was:
+        change = "the same global batch"
+        if math.prod(now) != ckpt.global_batch:
+            change = f"the global batch changes from {ckpt.global_batch} to {math.prod(now)}"
+        say(f"notice: the checkpoint's micro batch x accumulation x ranks was "
+            f"{' x '.join(map(str, was))}, this run's is {' x '.join(map(str, now))}: {change}")
+    ckpt.universal = old_ranks != world and old.get("zero_optimization", {}).get("stage", 0) > 0
+    if ckpt.universal:
+        refuse_what_ds_to_universal_cannot_convert(ckpt, old, world)
+        cfg["checkpoint"] = {"load_universal": True}
+
+
+def setup_distributed():
+    """(rank, world size, device). Under plain `python` it first sets what a launcher would."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    accel, local_rank = get_accelerator(), int(os.environ["LOCAL_RANK"])
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_data(args, cfg, dtype, rank, world, device):
+    """CIFAR-10 is held on the device as uint8 (184 MB). Each epoch every rank crops, flips and
+    normalizes its shard there in one go and steps through it in slices: no per-step copies."""
+    if args.dataset == "synthetic":  # generated alike on every rank: nothing to read
+        say("Loading    : synthetic")
+        dataset = (synthetic(5000, args.seed, 1), synthetic(1000, args.seed, 2), CLASSES)
+    elif args.dataset == "cifar10":
+        say(f"Loading    : cifar10 from {args.data_dir}")
+        dataset = rank0_first(lambda: load_cifar10(args.data_dir), device)
+    else:  # decoded once, then kept beside the data (or in --output-dir)
+        say(f"Loading    : imagefolder from {args.data_dir}")
+        cache = [args.data_dir, args.output_dir]
+        dataset = rank0_first(lambda: load_imagefolder(args.data_dir, cache), device)
+    (x, y), test, classes = dataset
+    on = {"dtype": DTYPES[dtype], "rank": rank, "world": world, "device": device}
+    val = None
+    if args.val_split:  # a seeded choice of training images, the same on every rank
+        if args.val_split >= len(y):
+            raise UsageError(f"--val-split {args.val_split}: only {len(y)} training images")
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+        held, kept = order[:args.val_split], order[args.val_split:]
+        val = DeviceBatches(x[held], y[held], TEST_BATCH, **on, prepare=normalize)
+        x, y = x[kept], y[kept]
+    micro = cfg["train_micro_batch_size_per_gpu"]
+    train = DeviceBatches(x, y, micro, **on, prepare=augment, shuffle=True, seed=args.seed,
+                          group=cfg["gradient_accumulation_steps"])
+    test = DeviceBatches(*test, TEST_BATCH, **on, prepare=normalize)
+    return SimpleNamespace(train=train, test=test, val=val, classes=classes)
+
+
+class DeviceBatches:
+    """Images in device memory, cut into this rank's batches. Shuffled, each rank takes an equal,
+    distinct shard of a permutation seeded by (seed, epoch), else images rank, rank + world, ...;
+    prepare() turns a shard into model inputs once an epoch; whole accumulation windows only."""
+
+    def __init__(self, images, labels, size, dtype, rank, world, device, prepare, shuffle=False,
+                 seed=0, group=1):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.size = size  # images per batch
+        self.dtype = dtype
+        self.rank = rank
+        self.world = world
+        self.prepare = prepare
+        self.shuffle = shuffle
+        self.seed = seed
+        n = len(labels)
+        self.shard = len(range(rank, n, world))  # images of this rank
+        if shuffle:
+            self.shard = n // world  # equal shards: every rank runs the same steps
+        self.batches = math.ceil(self.shard / size) // group * group
+        if self.batches == 0:
+            raise UsageError(f"{n} images cannot fill a step of {size} x {group} x {world} ranks")
+
+    def __len__(self):
+        return self.batches
+
+    def epoch(self, epoch):
+        """This epoch's (images, labels) batches, model inputs on the device."""
+        n = len(self.labels)
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        order = torch.arange(n)
+        if self.shuffle:
+            order = torch.randperm(n, generator=g)
+        places = torch.arange(n)[self.rank::self.world][:self.shard]  # in the epoch's permutation
+        idx = order[places].to(self.images.device)
+        x = self.prepare(self.images[idx], g, places, n).to(self.dtype)
+        y = self.labels[idx]
+        b = self.size
+        return [(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(self.batches)]
+
+
+def fill_schedule(cfg, args, steps_per_epoch):
+    """WarmupCosineLR and WarmupDecayLR need the run's length in optimizer steps, which depends on
+    the dataset, the epochs and this run's world size: the script fills it in."""
+    if cfg.get("scheduler", {}).get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
+        params = cfg["scheduler"].setdefault("params", {})
+        params["total_num_steps"] = total = max(1, args.epochs * steps_per_epoch)
+        params["warmup_num_steps"] = max(1, min(total, round(args.warmup_epochs * steps_per_epoch)))
+
+
+class CIFAR10CNNEnhanced(nn.Module):
+    """conv(3->16, 3x3)+BN, pool, conv(16->32, 3x3)+BN, pool, fc(2048->128), fc(128->10)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(32 * 8 * 8, 128), nn.Linear(128, num_classes)
+        for m in self.modules():  # Kaiming/He (fan_in) for ReLU layers; linear weights halved
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+                m.weight.data.mul_(0.5 if isinstance(m, nn.Linear) else 1.0)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))  # [B, 16, 16, 16]
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))  # [B, 32, 8, 8]
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))  # [B, 10] logits
+
+    classes = CLASSES  # its outputs' names, carried in model.pt; main() sets the dataset's
+
+    def get_extra_state(self):  # a tensor: DeepSpeed's ds_to_universal takes nothing else
+        return torch.tensor(list(json.dumps(list(self.classes)).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        self.classes = json.loads(bytes(state.byte().tolist()))
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
+    on as if the run had never stopped (data order and augmentation follow seed and epoch)."""
+    epoch: int = 0  # epochs completed
+    best_accuracy: float = -1.0  # on the --val-split images (selects model.pt), else on test
+    best_epoch: int = 0
+    best_loss: float = math.inf  # lowest epoch train loss, for early stopping
+    patience_used: int = 0  # epochs since the train loss last gained --min-improvement
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
+    wall_time_s: float = 0.0
+    rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
+    identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
+
+    def record(self, row, accuracy, args):
+        """Add an epoch's row; True if `accuracy` is the best so far."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        self.skipped_steps += row["skipped_steps"]
+        self.patience_used += 1
+        if row["train_loss"] < self.best_loss - args.min_improvement:
+            self.patience_used = 0
+        self.best_loss = min(self.best_loss, row["train_loss"])
+        if accuracy > self.best_accuracy:
+            self.best_accuracy = accuracy
+            self.best_epoch = self.epoch
+        return self.best_epoch == self.epoch
+
+    def stop_reason(self, args, steps):
+        """Why training ends before its last epoch, or None; from global numbers: on every rank."""
+        if 0 < args.max_steps <= steps:
+            return f"Stopping at --max-steps {args.max_steps}"
+        if self.patience_used >= args.patience and self.epoch < args.epochs:
+            return f"Early stopping: no train-loss gain for {args.patience} epochs"
+        return None
+
+
+def restore(engine, ckpt):
+    """Weights, optimizer and LR schedule through DeepSpeed; then the loop's RunState."""
+    if ckpt.universal:  # rank 0 converts it once, beside the original; then every rank reads it
+        if dist.get_rank() == 0 and not os.path.isdir(f"{ckpt.folder}/{ckpt.tag}_universal"):
+            say(f"Converting : {ckpt.folder}/{ckpt.tag} to DeepSpeed's universal checkpoint")
+            to_universal(f"{ckpt.folder}/{ckpt.tag}", f"{ckpt.folder}/{ckpt.tag}_universal")
+        dist.barrier()
+        ckpt.tag += "_universal"
+    try:
+        engine.load_checkpoint(ckpt.folder, tag=ckpt.tag, load_lr_scheduler_states=True)
+    except Exception as e:  # noqa: BLE001 - a truncated shard, another model: user-facing
+        raise UsageError(f"--resume: cannot load {ckpt.folder}/{ckpt.tag}: {first_line(e)}"
+                         ) from None
+    if engine.train_batch_size() != ckpt.global_batch and engine.lr_scheduler:  # the schedule
+        samples = ckpt.state["global_samples"]  # goes on from the samples seen, not the steps
+        engine.lr_scheduler.last_batch_iteration = samples // engine.train_batch_size() - 1
+    run = RunState(**ckpt.state["run"])
+    torch.set_rng_state(run.rng["cpu"])
+    get_accelerator().set_rng_state(run.rng["device"])
+    monitor_resumes_at(engine, ckpt.state["global_samples"])
+    say(f"Resumed    : {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
+    return run
+
+
+def to_universal(src, dst):
+    """What `python -m deepspeed.checkpoint.ds_to_universal --input_folder SRC --output_folder DST
+    --inject_missing_state` writes (this model needs the flag), into a folder renamed at the end."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = f"{dst}.tmp{os.getpid()}"
+    opts = SimpleNamespace(input_folder=src, output_folder=tmp, num_extract_workers=1, strict=True,
+                           num_merge_workers=1, keep_temp_folder=False, inject_missing_state=True)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        with contextlib.redirect_stderr(quiet):  # its progress bars
+            ds_to_universal.main(opts)
+    os.replace(tmp, dst)
+
+
+def print_banner(args, cfg, dtype, own_clip, engine, data):
+    """The run's sizes, computed, never typed in: rank 0 prints them before training starts."""
+    world = dist.get_world_size()
+    gas = engine.gradient_accumulation_steps()
+    clip = engine.gradient_clipping()
+    if own_clip is not None:
+        clip = f"{own_clip:g} (by the script)"
+    images = f"{len(data.train.labels):,} train / {len(data.test.labels):,} test"
+    if data.val:
+        images += f" / {args.val_split:,} validation"
+    sched = cfg.get("scheduler", {})
+    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
+        f"Dataset    : {args.dataset}, {images} images, {len(data.classes)} classes; "
+        "crops and flips on the device",
+        f"Model      : CIFAR10CNNEnhanced, "
+        f"{sum(p.numel() for p in engine.module.parameters()):,} parameters",
+        f"Precision  : {dtype} | ZeRO stage {engine.zero_optimization_stage()} | "
+        f"gradient clipping {clip} | device {engine.device.type} | world size {world}",
+        f"Batch      : {cfg['train_micro_batch_size_per_gpu']} per rank x {gas} accumulation x "
+        f"{world} ranks = {engine.train_batch_size()} global; {len(data.train) // gas} steps/epoch",
+        f"Schedule   : {args.epochs} epochs, {cfg['optimizer']['type']} lr "
+        f"{cfg['optimizer'].get('params', {}).get('lr')}, "
+        f"{sched.get('type', 'constant')} {json.dumps(sched.get('params', {}))}",
+        f"Output     : {os.path.abspath(args.output_dir)}", "-" * 80)
+
+
+def train_one_epoch(engine, data, run, args, own_clip):
+    """One pass over this rank's shard. Losses, hits and grad norms are summed on the device and
+    read (summed over ranks) only for a step line and at the epoch's end."""
+    gas = engine.gradient_accumulation_steps()
+    window = Tally(engine.device)  # the micro-batches of one optimizer step
+    line = Tally(engine.device)  # the steps since the last step line
+    epoch = Tally(engine.device)
+    skipped = 0  # steps with non-finite gradients, skipped
+    bad_in_a_row = 0
+    stats = list(engine.module.buffers())  # BatchNorm statistics (and its batch counter)
+    saved = [b.clone() for b in stats]
+    for i, (x, y) in enumerate(train_batches(data, run.epoch)):
+        boundary = i % gas == gas - 1  # counted here, so that a skipped step cannot shift windows
+        engine.set_gradient_accumulation_boundary(boundary)
+        if i % gas == 0:  # a skipped step must not keep the BatchNorm update of its forward passes
+            torch._foreach_copy_(saved, stats)
+        loss, logits = forward_loss(engine, x, y, args)
+        with reduce_unless_alone(engine):
+            engine.backward(loss)
+        window.sums[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
+        window.images += len(y)
+        if not boundary:
+            engine.step()  # no update yet: DeepSpeed accumulates the gradients
+            continue
+        window.sums[2], ok = optimizer_step(engine, own_clip)
+        if ok:
+            line.add(window)
+            epoch.add(window)
+            bad_in_a_row = 0
+        else:
+            torch._foreach_copy_(stats, saved)
+            skipped += 1
+            bad_in_a_row += 1
+        if bad_in_a_row >= args.max_bad_steps:
+            raise TrainingDiverged(f"{bad_in_a_row} non-finite steps in a row in epoch "
+                                   f"{run.epoch + 1}")
+        window.clear()
+        if ok and engine.global_steps % args.log_interval == 0:
+            print_step(engine, run, line)
+            line.clear()
+        if 0 < args.max_steps <= engine.global_steps:
+            break
+    for b in filter(torch.is_floating_point, stats):  # DeepSpeed, unlike DDP, does not sync
+        dist.all_reduce(b)  # buffers: average the statistics over ranks
+        b.div_(dist.get_world_size())
+    loss, acc, norm = epoch.means()
+    seconds = time.time() - epoch.start
+    n = epoch.images * dist.get_world_size()
+    return {"train_loss": loss, "train_accuracy": acc, "grad_norm": norm, "skipped_steps": skipped,
+            "train_images": n, "epoch_time_s": seconds, "images_per_s": n / seconds}
+
+
+def train_batches(data, epoch):
+    """This rank's training micro-batches of one epoch, on the device."""
+    return data.train.epoch(epoch)
+
+
+def forward_loss(model, images, labels, args):
+    """Cross-entropy on fp32 logits (the model may compute in bf16/fp16): (loss, logits)."""
+    logits = model(images).float()
+    return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing), logits
+
+
+def optimizer_step(engine, own_clip):
+    """The update that ends an accumulation window: (grad norm, applied). A step with non-finite
+    gradients is skipped, the same way on every rank."""
+    norm = 0.0
+    if own_clip is not None:  # fp32 without ZeRO: the script checks and clips (load_config)
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)  # the gradients are all-reduced already
+        if not torch.isfinite(norm):  # the one per-step host read, on this path only
+            engine.zero_grad()
+            return 0.0, False
+        if own_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), own_clip, norm)
+    skipped = engine.skipped_steps
+    engine.step()
+    if engine.skipped_steps != skipped:  # DeepSpeed found non-finite gradients itself
+        return 0.0, False
+    return (engine.get_global_grad_norm() if own_clip is None else norm), True
+
+
+def print_step(engine, run, line):
+    """A step line of global means since the last one; the same to DeepSpeed's monitors."""
+    loss, acc, norm = line.means()
+    images_per_s = line.images * dist.get_world_size() / (time.time() - line.start)
+    say(f"  step {engine.global_steps:6d} | epoch {run.epoch + 1:3d} | loss {loss:.4f} | "
+        f"acc {acc:6.2f}% | grad norm {norm:.4f} | lr {engine.get_lr()[0]:.3e} | "
+        f"{images_per_s:,.0f} img/s")
+    record(engine, "Train", {"train_loss": loss, "train_accuracy": acc, "grad_norm": norm})
+
+
+def record(engine, group, values, wandb_run=None):
+    """Metrics for DeepSpeed's monitors (csv, TensorBoard: on when the config enables them), indexed
+    by samples seen like DeepSpeed's own rows, and for W&B."""
+    if engine.monitor.enabled:
+        engine.monitor.write_events([(f"{group}/Samples/{k}", v, engine.global_samples)
+                                     for k, v in values.items()])
+    if wandb_run:
+        wandb_run.log({f"{group}/{k}": v for k, v in values.items()}, step=engine.global_samples)
+
+
+@torch.no_grad()
+def evaluate(engine, batches, classes, args):
+    """Global loss, accuracy and per-class accuracy (%) over the rank-sharded images."""
+    engine.eval()
+    k = len(classes)
+    sums = torch.zeros(1 + 2 * k, dtype=torch.float64, device=engine.device)
+    for x, y in batches.epoch(0):
+        logits = predict(engine, x, args)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum")
+        sums[1:1 + k].index_add_(0, y, (logits.argmax(1) == y).double())
+        sums[1 + k:].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+    dist.all_reduce(sums)
+    engine.train()
+    hits, seen = sums[1:1 + k], sums[1 + k:]
+    n = seen.sum().item()
+    return {"loss": sums[0].item() / n, "accuracy": 100 * hits.sum().item() / n, "images": int(n),
+            "per_class": (100 * hits / seen.clamp(min=1)).tolist()}
+
+
+def predict(model, images, args):
+    """Logits for evaluation; with --tta-flip averaged over each image and its mirror image."""
+    logits = model(images).float()
+    return (logits + model(images.flip(3)).float()) / 2 if args.tta_flip else logits
+
+
+def epoch_line(row, args, best):
+    """The line that ends an epoch: global numbers, the same on every rank."""
+    parts = [f"epoch {row['epoch']:3d}/{args.epochs}",
+             f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:6.2f}%"]
+    if "val_accuracy" in row:
+        parts.append(f"val acc {row['val_accuracy']:6.2f}%")
+    parts += [f"test loss {row['test_loss']:.4f} acc {row['test_accuracy']:6.2f}%",
+              f"grad norm {row['grad_norm']:.4f}", f"lr {row['lr']:.3e}",
+              f"skipped {row['skipped_steps']}",
+              f"{row['epoch_time_s']:.1f}s {row['images_per_s']:,.0f} img/s"]
+    if best:
+        parts.append("best")
+    return " | ".join(parts)
+
+
+def save_epoch(engine, run, args, cfg, own_clip, write_model):
+    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank), and the plain weights
+    where write_model. Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save
+    leaves the previous checkpoint in force) and metrics.json; only the latest and best epochs'
+    checkpoints are kept."""
+    ckpt, tag = f"{args.output_dir}/checkpoints", f"epoch{run.epoch:04d}"
+    run.rng = {"cpu": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
+    weights = plain_weights(engine) if write_model else None  # a collective under ZeRO-3
+    if weights and dist.get_rank() == 0:
+        atomic_write(f"{args.output_dir}/model.pt", lambda tmp: torch.save(weights, tmp))
+    try:
+        engine.save_checkpoint(ckpt, tag=tag, client_state={"example": EXAMPLE, "run": asdict(run)},
+                               save_latest=False)
+    except (OSError, RuntimeError) as e:  # a full disk: `latest` still names the previous epoch
+        raise UsageError(f"cannot write checkpoint {ckpt}/{tag}: {first_line(e)} (disk full? free "
+                         "some space or choose another --output-dir)") from None
+    if dist.get_rank() == 0:
+        atomic_write(f"{ckpt}/latest", lambda tmp: open(tmp, "w").write(tag))
+        for old in os.listdir(ckpt):
+            if old.startswith("epoch") and old not in (tag, f"epoch{run.best_epoch:04d}"):
+                shutil.rmtree(f"{ckpt}/{old}", ignore_errors=True)
+        write_metrics(args, cfg, own_clip, run)
+        settle_set_aside(args.output_dir)  # the run --overwrite replaces goes now
+
+
+def plain_weights(engine):
+    """The model as a plain fp32 state dict. Under fp16/bf16 the optimizer holds the fp32 master
+    weights, under ZeRO-3 each rank a part of them: a collective, so every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = dict(engine.module.state_dict())  # with the class names (get_extra_state)
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None in fp32 without ZeRO: p is the fp32 weight
+        state[name] = p if full is None else full
+    tensors = {k: v.detach().cpu() for k, v in state.items() if torch.is_tensor(v)}
+    return {**state, **{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}}
+
+
+# ===== plumbing: error reporting, the output directory, atomic writes, data files and pixels,
+# config checks, W&B and plots. Nothing here is needed to follow the DeepSpeed story above.
+class Tally:
+    """Sums on the device of loss x images, hits and grad norms, with the images and optimizer
+    steps they cover and when they began."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, device=device)
+        self.clear()
+
+    def clear(self):
+        self.sums.zero_()
+        self.images = 0
+        self.steps = 0
+        self.start = time.time()
+
+    def add(self, window):
+        self.sums += window.sums
+        self.images += window.images
+        self.steps += 1
+
+    def means(self):
+        """(loss, accuracy %, grad norm) over all ranks: a collective."""
+        return global_means(self.sums, self.images, self.steps)
+
+
+def global_means(sums, images, steps):
+    """(loss, accuracy %, grad norm) over all ranks from this rank's sums; shards are equal."""
+    total, world = sums.double(), dist.get_world_size()
+    dist.all_reduce(total)
+    loss, hits, norm = total.tolist()
+    n = max(images * world, 1)
+    return loss / n, 100 * hits / n, norm / max(steps * world, 1)
+
+
+def run(argv=None):
+    """main() as a command: a user's mistake ends in one or two lines and exit code 2, divergence
+    in 3, Ctrl-C in 130, SIGTERM in 143 (naming the checkpoint to resume from), as when the
+    launcher is gone or another rank stopped first; then teardown."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    watch_launcher()
+    quiet_known_messages()
+    code, args, rank0 = 1, None, os.environ.get("RANK", "0") == "0"
+    try:
+        args = parse_args(argv)
+        code = main(args)
+    except UsageError as e:
+        code = 2
+        print(f"error: {e}", file=sys.stderr) if rank0 else time.sleep(3)  # let rank 0 say why
+    except TrainingDiverged as e:
+        code = 3
+        print(f"error: training diverged: {e}; nothing was learned from them.\n  check: the data "
+              "for NaN/Inf, a lower learning rate, gradient_clipping > 0, --dtype fp32 or bf16",
+              file=sys.stderr) if rank0 else None
+    except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
+            signal.signal(sig, signal.SIG_IGN)
+        if isinstance(e, RuntimeError) and not from_a_collective(e):
+            raise
+        code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 143)
+        latest = f"{args.output_dir}/checkpoints/latest" if args else ""
+        if rank0 and os.path.isfile(latest):
+            with open(latest) as f:
+                epoch = int(f.read().strip()[5:])
+            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; "
+                  f"{how_to_resume(args)}", file=sys.stderr)
+    finally:
+        if dist.is_initialized():
+            if code == 0:  # every rank waits for rank 0's last files before tearing down
+                dist.barrier()
+            dist.destroy_process_group()
+        release_shm_buffer()
+        release_output_dir(args)
+    return code
+
+
+def how_to_resume(args):
+    """The command that continues this run: --resume takes every other flag from the checkpoint."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_SIZE", world))  # this node's ranks (DeepSpeed's launcher)
+    if "LOCAL_RANK" not in os.environ:  # plain `python`, one process
+        launcher = "python"
+    elif world > local:  # several nodes
+        launcher = "deepspeed --hostfile=HOSTFILE"
+    else:
+        launcher = f"deepspeed --num_gpus={local}"
+    script = shlex.quote(sys.argv[0])
+    return f"to continue: {launcher} {script} --output-dir {shlex.quote(args.output_dir)} --resume"
+
+
+def from_a_collective(e):
+    """An error raised inside torch.distributed: a collective whose peer rank went away."""
+    return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
 
 
 def say(*lines):
@@ -122,41 +741,116 @@ def first_line(e):
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-# ============================================================ config
-def load_config(args, world, on_cpu):
-    """Read and check the DeepSpeed JSON before anything slow starts. It owns batch size,
-    precision, optimizer, scheduler and ZeRO; the script settles the precision (--dtype) and who
-    clips gradients. Returns (config, dtype, clip applied by the script or None)."""
-    try:
-        with open(args.deepspeed_config) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
-        raise UsageError(f"DeepSpeed config {what}: {args.deepspeed_config} ({first_line(e)})"
-                         ) from None
-    check_config(cfg, args.deepspeed_config, world)
-    # Precision, one rule in every example: DeepSpeed's own fp16 or bf16 section, else fp32.
-    dtype = args.dtype if args.dtype != "auto" else next(
-        (k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")), "fp32")
-    if dtype == "fp16" and on_cpu:
-        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
-        dtype = "fp32"
-    fp16, _ = {**cfg.pop("fp16", {}), "enabled": True}, cfg.pop("bf16", None)
-    if dtype != "fp32":  # bf16's check_grad_overflow: DeepSpeed skips non-finite steps at any stage
-        cfg[dtype] = fp16 if dtype == "fp16" else {"enabled": True, "check_grad_overflow": True}
-    refuse_fp16_without_zero(cfg, args.deepspeed_config)
-    batchnorm_buffers_follow_precision(cfg, dtype)
-    # Who clips. In fp32 without ZeRO, DeepSpeed neither skips non-finite steps nor reports the
-    # gradient norm, so the script takes the global norm itself (optimizer_step) and clips with
-    # it; DeepSpeed's own fp32 clipping would take a second norm, one parameter at a time.
-    own_clip = None
-    if dtype == "fp32" and cfg.get("zero_optimization", {}).get("stage", 0) == 0:
-        own_clip, cfg["gradient_clipping"] = cfg.get("gradient_clipping", 1.0), 0.0
-    cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
-    for monitor in ("csv_monitor", "tensorboard"):  # DeepSpeed's own monitors: output in the run
-        if cfg.get(monitor, {}).get("enabled") and not cfg[monitor].get("output_path"):
-            cfg[monitor].update(output_path=f"{args.output_dir}/monitor", job_name=EXAMPLE)
-    return cfg, dtype, own_clip
+@functools.cache  # one watcher per process, however many runs it holds
+def watch_launcher():
+    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
+    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
+    run (a dying process's children get another parent), else stops as on SIGTERM."""
+    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
+        return
+    links = [(os.getpid(), parent_pid(os.getpid()))]
+    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
+        if b"deepspeed.launcher.launch" in f.read():
+            links.append((links[0][1], parent_pid(links[0][1])))
+
+    def watch():
+        while all(parent_pid(pid) == parent for pid, parent in links):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def parent_pid(pid):
+    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
+
+
+def check_args(args):
+    """Flag values that argparse's types let through: one line naming the flag and the range."""
+    lowest = {"epochs": 1, "patience": 1, "log_interval": 1, "max_bad_steps": 1, "max_steps": 0,
+              "val_split": 0, "warmup_epochs": 0, "min_improvement": 0}
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), not {args.label_smoothing}")
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume continues the run in --output-dir, --overwrite replaces it")
+
+
+def read_checkpoint(args, model_class):
+    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
+    again come from it; another dataset, data, seed or model needs --allow-changes."""
+    d = args.resume or args.output_dir
+    folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
+    if not os.path.isfile(f"{folder}/latest"):
+        raise UsageError(f"--resume: no checkpoint in {d} (no {folder}/latest)")
+    with open(f"{folder}/latest") as f:
+        tag = f.read().strip()
+    files = sorted(glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_.*
+    try:  # DeepSpeed's own file: the model, its config and counters, and the RunState
+        state = torch.load(files[0], weights_only=False)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
+        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
+    example = state.get("example") if isinstance(state, dict) else None
+    if example != EXAMPLE:
+        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
+    was = state.get("run", {}).get("identity")
+    if not was and not args.allow_changes:
+        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
+                         "flags (an older script wrote it); --allow-changes resumes it as told")
+    if was:
+        take_flags(args, was["args"])
+        now = identity(args, model_class)
+        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
+                   if was[k] != now[k]]
+        if changed and not args.allow_changes:
+            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
+                             "(checkpoint -> this command); leave such flags out to continue "
+                             "it, or add --allow-changes if the change is meant")
+    if state.get("run", {}).get("epoch", 0) >= args.epochs:
+        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
+                         "--epochs to train on")
+    return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
+
+
+def take_flags(args, given):
+    """The flags the checkpoint's run was given, where this command does not give them again;
+    where to write, when to stop early and what to resume are this command's own."""
+    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
+    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
+    vars(args).update(taken)
+    args.given.update(taken)
+    if taken:
+        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
+
+
+def identity(args, model_class):
+    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
+    seed or model, and takes the flags ("args") the user gave where they are not given again."""
+    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
+            "model": model_class.__name__, "args": args.given}
+
+
+def data_fingerprint(args):
+    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
+    from the start, middle and end of 256 of them at most. Generated data: --seed and its size."""
+    if args.dataset == "synthetic":
+        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
+    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                   if not f.startswith("."))  # not the decoded-image caches
+    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
+    digest = hashlib.sha256(repr(listing).encode())
+    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
+        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
+            for at in (0, size // 2, max(0, size - 4096)):
+                f.seek(at)
+                digest.update(f.read(4096))
+    return f"{len(files)} files, {digest.hexdigest()[:12]}"
 
 
 def check_config(cfg, path, world):
@@ -230,475 +924,6 @@ def check_constructor_params(cfg, path):
         if cls and unknown:
             raise UsageError(f"{path}: {section}.params.{min(unknown)}: {cls.__name__} takes no "
                              f"such parameter; it takes {', '.join(takes)}")
-
-
-def fill_schedule(cfg, args, steps_per_epoch):
-    """WarmupCosineLR and WarmupDecayLR need the run's length in optimizer steps, which depends on
-    the dataset, the epochs and this run's world size: the script fills it in."""
-    if cfg.get("scheduler", {}).get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
-        params = cfg["scheduler"].setdefault("params", {})
-        params["total_num_steps"] = total = max(1, args.epochs * steps_per_epoch)
-        params["warmup_num_steps"] = max(1, min(total, round(args.warmup_epochs * steps_per_epoch)))
-
-
-# ============================================================ distributed setup
-def setup_distributed():
-    """(rank, world size, device). Under plain `python` it first sets what a launcher would."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    accel, local_rank = get_accelerator(), int(os.environ["LOCAL_RANK"])
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-@functools.cache  # one watcher per process, however many runs it holds
-def watch_launcher():
-    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
-    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
-    run (a dying process's children get another parent), else stops as on SIGTERM."""
-    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
-        return
-    links = [(os.getpid(), parent_pid(os.getpid()))]
-    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
-        if b"deepspeed.launcher.launch" in f.read():
-            links.append((links[0][1], parent_pid(links[0][1])))
-
-    def watch():
-        while all(parent_pid(pid) == parent for pid, parent in links):
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def parent_pid(pid):
-    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
-
-
-def rank0_first(load, device):
-    """load() on rank 0 first (it may download), then on the others; an error stops every rank."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = load()
-        except UsageError as e:
-            error = e
-    failed = torch.tensor([float(error is not None)], device=device)
-    dist.all_reduce(failed)
-    if failed.item():
-        raise error or UsageError("rank 0 could not load the dataset (it says why)")
-    return result if dist.get_rank() == 0 else load()
-
-
-# ============================================================ data
-def load_data(args, cfg, dtype, rank, world, device):
-    """CIFAR-10 is held on the device as uint8 (184 MB). Each epoch every rank crops, flips and
-    normalizes its shard there in one go and steps through it in slices: no per-step copies."""
-    say(f"Loading    : {args.dataset}" + f" from {args.data_dir}" * (args.dataset != "synthetic"))
-    if args.dataset == "synthetic":
-        train, test, classes = synthetic(5000, args.seed, 1), synthetic(1000, args.seed, 2), CLASSES
-    elif os.path.isfile(args.data_dir):
-        raise UsageError(f"--data-dir {args.data_dir} is a file; give a directory")
-    elif args.dataset == "cifar10":
-        train, test, classes = rank0_first(lambda: load_cifar10(args.data_dir), device)
-    else:
-        cache = [args.data_dir, args.output_dir]
-        train, test, classes = rank0_first(lambda: load_imagefolder(args.data_dir, cache), device)
-    on = {"dtype": DTYPES[dtype], "rank": rank, "world": world, "device": device,
-          "prepare": normalize}
-    (x, y), val = train, None
-    if args.val_split:  # a seeded choice of training images, the same on every rank
-        if args.val_split >= len(y):
-            raise UsageError(f"--val-split {args.val_split}: only {len(y)} training images")
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
-        val = DeviceBatches(x[order[:args.val_split]], y[order[:args.val_split]], 1000, **on)
-        x, y = x[order[args.val_split:]], y[order[args.val_split:]]
-    train = DeviceBatches(x, y, cfg["train_micro_batch_size_per_gpu"], **{**on, "prepare": augment},
-                          shuffle=True, seed=args.seed, group=cfg["gradient_accumulation_steps"])
-    return SimpleNamespace(train=train, test=DeviceBatches(*test, 1000, **on), val=val,
-                           classes=classes)
-
-
-class DeviceBatches:
-    """Images in device memory, cut into this rank's batches. Shuffled, every epoch each rank takes
-    an equal, distinct shard of one permutation seeded by (seed, epoch): no image is seen twice
-    and all ranks run the same number of steps. Else rank r takes images r, r + world, ...
-    prepare(images, generator, places, n) turns a shard into model inputs, once per epoch. The
-    number of batches is a multiple of `group` (whole gradient-accumulation windows)."""
-
-    def __init__(self, images, labels, size, dtype, rank, world, device, shuffle=False, seed=0,
-                 prepare=None, group=1):
-        self.images, self.labels, self.size = images.to(device), labels.to(device), size
-        self.dtype, self.rank, self.world, self.shuffle = dtype, rank, world, shuffle
-        self.seed, self.prepare, n = seed, prepare, len(labels)
-        self.shard = n // world if shuffle else len(range(rank, n, world))
-        self.batches = math.ceil(self.shard / size) // group * group
-        if self.batches == 0:
-            raise UsageError(f"{n} images cannot fill a step of {size} x {group} x {world} ranks")
-
-    def __len__(self):
-        return self.batches
-
-    def epoch(self, epoch):
-        """This epoch's (images, labels) batches, model inputs on the device."""
-        g, n = torch.Generator().manual_seed(self.seed * 1000 + epoch), len(self.labels)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        places = torch.arange(n)[self.rank::self.world][:self.shard]  # in the epoch's permutation
-        idx = order[places].to(self.images.device)
-        x = self.prepare(self.images[idx], g, places, n) if self.prepare else self.images[idx]
-        x, y, b = x.to(self.dtype), self.labels[idx], self.size
-        return [(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(self.batches)]
-
-
-def augment(images, g, places, n):
-    """Random 32x32 crops of the images zero-padded by 4 px (as torchvision's RandomCrop(32, 4))
-    and horizontal flips, for a whole shard: 18 masked copies an epoch instead of work per step.
-    Drawn per place in the epoch's permutation: any world size, or a resumed run, gets the same."""
-    shifts, flips = torch.randint(0, 9, (n, 2), generator=g), torch.rand(n, generator=g) < 0.5
-    shifts, flips = shifts[places].to(images.device), flips[places].to(images.device)
-    padded, rows = F.pad(images, (4, 4, 4, 4)), images.new_empty(len(images), 3, 32, 40)
-    out = torch.empty_like(images)
-    for d in range(9):
-        rows[shifts[:, 0] == d] = padded[shifts[:, 0] == d, :, d:d + 32]
-    for d in range(9):
-        out[shifts[:, 1] == d] = rows[shifts[:, 1] == d, :, :, d:d + 32]
-    return normalize(torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out))
-
-
-def normalize(images, *_):
-    """uint8 pixels to the per-channel standardized floats the model trains on."""
-    mean, std = channel_stats(images.device)
-    return (images.float() / 255 - mean) / std
-
-
-@functools.cache  # MEAN and STD copied to the device once, not for every batch
-def channel_stats(device):
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
-
-
-def train_batches(data, epoch):
-    """This rank's training micro-batches of one epoch, on the device."""
-    return data.train.epoch(epoch)
-
-
-def synthetic(n, seed, split):
-    """n uint8 images in 10 classes: a smooth colour pattern per class (from seed), shifted by up
-    to 4 px, scaled in contrast and buried in noise. Learnable, offline; not CIFAR-10."""
-    protos = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-    protos = F.interpolate(protos, 32, mode="bilinear")
-    protos = (protos - protos.mean((1, 2, 3), keepdim=True)) / protos.std((1, 2, 3), keepdim=True)
-    g = torch.Generator().manual_seed(seed * 1000 + split)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    shift = torch.randint(-4, 5, (n, 2), generator=g)  # pixels down and right
-    x = protos[labels]
-    for a in range(-4, 5):  # roll each image by its own shift: one roll per distinct shift
-        for b in range(-4, 5):
-            sel = (shift[:, 0] == a) & (shift[:, 1] == b)
-            x[sel] = x[sel].roll((a, b), (2, 3))
-    x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g))  # contrast
-    x = x + 3 * torch.randn(x.shape, generator=g)  # noise of 3x the patterns' std
-    return (128 + 25 * x).clamp(0, 255).to(torch.uint8), labels
-
-
-def load_cifar10(data_dir):
-    """torchvision's CIFAR-10 files (it checks their md5 sums) as uint8 [N, 3, 32, 32] tensors."""
-    from torchvision.datasets import CIFAR10
-
-    try:
-        sets = [CIFAR10(data_dir, train=train, download=True) for train in (True, False)]
-    except Exception as e:  # noqa: BLE001 - offline, corrupt or missing files: all user-facing
-        raise UsageError(f"CIFAR-10 is not in {data_dir} (or is corrupted) and could not be "
-                         f"downloaded ({first_line(e)[:80]}).\nFetch https://www.cs.toronto.edu/"
-                         f"~kriz/cifar-10-python.tar.gz and unpack it in {data_dir}, or use "
-                         "--dataset synthetic") from None
-    return *[(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets))
-             for s in sets], CLASSES
-
-
-def load_imagefolder(root, cache_dirs):
-    """root/{train,test}/<class>/<image>, the same class folders in both (sorted, they give the
-    labels). Every image is decoded once, which also checks it; the result is kept beside the data
-    (or in --output-dir) under a key of the files' names, sizes and times: later runs load it."""
-    files, classes = {}, {}
-    for split in ("train", "test"):
-        d = os.path.join(root, split)
-        found = sorted(e.name for e in os.scandir(d) if e.is_dir()) if os.path.isdir(d) else []
-        classes[split] = found
-        files[split] = [(e.path, label) for label, c in enumerate(classes[split])
-                        for e in sorted(os.scandir(os.path.join(d, c)), key=lambda e: e.name)]
-        labels = {label for _, label in files[split]}
-        empty = [c for label, c in enumerate(found) if label not in labels]
-        if not files[split] or empty:
-            raise UsageError(f"--dataset imagefolder: no images in {os.path.join(d, *empty[:1])}"
-                             f" (expected {root}/{{train,test}}/<class>/<image>)")
-    if classes["train"] != classes["test"]:
-        raise UsageError("--dataset imagefolder: class folders differ between train/ ("
-                         f"{', '.join(classes['train'])}) and test/ ({', '.join(classes['test'])})")
-    paths = [path for split in files.values() for path, _ in split]
-    key = hashlib.sha256("".join(f"{os.path.relpath(p, root)}:{s.st_size}:{s.st_mtime_ns};"
-                                 for p in paths for s in [os.stat(p)]).encode()).hexdigest()[:16]
-    caches = [os.path.join(d, f".decoded-{key}.pt") for d in cache_dirs]
-    images = next((x for x in map(read_cache, caches) if x is not None), None)
-    if images is None:
-        images = decode_images(paths)
-        kept = {"images": images, "sha256": hashlib.sha256(images.numpy()).hexdigest()}
-        for cache in caches:  # beside the data if that is writable, else in --output-dir
-            with contextlib.suppress(UsageError):
-                atomic_write(cache, lambda tmp: torch.save(kept, tmp))
-                break
-    labels = torch.tensor([label for split in files.values() for _, label in split])
-    n = len(files["train"])
-    return (images[:n], labels[:n]), (images[n:], labels[n:]), classes["train"]
-
-
-def read_cache(path):
-    """The images kept in `path` if their sha256 (0.3 s for 184 MB) verifies; a file that does not
-    (empty, cut short, changed, not a cache) is named in a notice, and the caller rebuilds it."""
-    with contextlib.suppress(Exception):  # whatever is wrong with the file, decoding repairs it
-        kept = torch.load(path, weights_only=True)
-        if kept["sha256"] == hashlib.sha256(kept["images"].numpy()).hexdigest():
-            return kept["images"]
-    if os.path.exists(path):
-        say(f"Cache      : {path} does not verify; decoding the images again")
-    return None
-
-
-def decode_images(paths):
-    """The images as one uint8 [N, 3, 32, 32] tensor; many are decoded by a pool of processes."""
-    import multiprocessing
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), len(paths) // 1000)
-    if workers < 2:
-        pixels = list(map(decode_image, paths))
-    else:  # close and join, not terminate: a worker killed while holding the queue's lock hangs
-        pool = multiprocessing.get_context("fork").Pool(workers)
-        pixels = pool.map(decode_image, paths, chunksize=256)
-        pool.close()
-        pool.join()
-    bad = next((p for p, px in zip(paths, pixels) if px is None), None)
-    if bad:
-        raise UsageError(f"--dataset imagefolder: cannot read image {bad}; remove or replace it")
-    flat = torch.frombuffer(bytearray(b"".join(pixels)), dtype=torch.uint8)
-    return flat.view(-1, 32, 32, 3).permute(0, 3, 1, 2).contiguous()
-
-
-def decode_image(path):
-    """RGB pixels of one image, resized to 32x32 if needed; None if it cannot be decoded."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB").resize((32, 32), Image.BILINEAR).tobytes()
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-# ============================================================ model
-class CIFAR10CNNEnhanced(nn.Module):
-    """conv(3->16, 3x3)+BN, pool, conv(16->32, 3x3)+BN, pool, fc(2048->128), fc(128->10)."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.pool = nn.MaxPool2d(2)
-        self.fc1, self.fc2 = nn.Linear(32 * 8 * 8, 128), nn.Linear(128, num_classes)
-        for m in self.modules():  # Kaiming/He (fan_in) for ReLU layers; linear weights halved
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-                m.weight.data.mul_(0.5 if isinstance(m, nn.Linear) else 1.0)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.bn1(self.conv1(x))))  # [B, 16, 16, 16]
-        x = self.pool(F.relu(self.bn2(self.conv2(x))))  # [B, 32, 8, 8]
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))  # [B, 10] logits
-
-    classes = CLASSES  # its outputs' names, carried in model.pt; main() sets the dataset's
-
-    def get_extra_state(self):  # a tensor: DeepSpeed's ds_to_universal takes nothing else
-        return torch.tensor(list(json.dumps(list(self.classes)).encode()), dtype=torch.uint8)
-
-    def set_extra_state(self, state):
-        self.classes = json.loads(bytes(state.byte().tolist()))
-
-
-def forward_loss(model, images, labels, args):
-    """Cross-entropy on fp32 logits (the model may compute in bf16/fp16): (loss, logits)."""
-    logits = model(images).float()
-    return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing), logits
-
-
-def predict(model, images, args):
-    """Logits for evaluation; with --tta-flip averaged over each image and its mirror image."""
-    logits = model(images).float()
-    return (logits + model(images.flip(3)).float()) / 2 if args.tta_flip else logits
-
-
-def plain_weights(engine):
-    """The model as a plain fp32 state dict. Under fp16/bf16 the optimizer holds the fp32 master
-    weights, under ZeRO-3 each rank a part of them: a collective, so every rank calls it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state = dict(engine.module.state_dict())  # with the class names (get_extra_state)
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)  # None in fp32 without ZeRO: p is the fp32 weight
-        state[name] = p if full is None else full
-    tensors = {k: v.detach().cpu() for k, v in state.items() if torch.is_tensor(v)}
-    return {**state, **{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}}
-
-
-# ============================================================ training
-@dataclass
-class RunState:
-    """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
-    on as if the run had never stopped (data order and augmentation follow seed and epoch)."""
-    epoch: int = 0  # epochs completed
-    best_accuracy: float = -1.0  # on the --val-split images (selects model.pt), else on test
-    best_epoch: int = 0
-    best_loss: float = math.inf  # lowest epoch train loss, for early stopping
-    patience_used: int = 0  # epochs since the train loss last gained --min-improvement
-    skipped_steps: int = 0  # non-finite steps skipped so far
-    history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
-    wall_time_s: float = 0.0
-    rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
-    identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
-
-    def record(self, row, accuracy, args):
-        """Add an epoch's row; True if `accuracy` is the best so far."""
-        self.history.append(row)
-        self.epoch, self.skipped_steps = row["epoch"], self.skipped_steps + row["skipped_steps"]
-        gained = row["train_loss"] < self.best_loss - args.min_improvement
-        self.patience_used = 0 if gained else self.patience_used + 1
-        self.best_loss = min(self.best_loss, row["train_loss"])
-        if accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = accuracy, self.epoch
-        return self.best_epoch == self.epoch
-
-    def stop_reason(self, args, steps):
-        """Why training ends before its last epoch, or None; from global numbers: on every rank."""
-        if 0 < args.max_steps <= steps:
-            return f"Stopping at --max-steps {args.max_steps}"
-        if self.patience_used >= args.patience and self.epoch < args.epochs:
-            return f"Early stopping: no train-loss gain for {args.patience} epochs"
-        return None
-
-
-class TrainingDiverged(Exception):
-    """Too many non-finite steps in a row: a diagnosis on stderr and exit code 3."""
-
-
-def train_one_epoch(engine, data, run, args, own_clip):
-    """One pass over this rank's shard. Sums of loss x images, hits and grad norms stay on the
-    device, read (and summed over ranks) only for a log line and at the epoch's end."""
-    gas, dev, start = engine.gradient_accumulation_steps(), engine.device, time.time()
-    sums, window = torch.zeros(2, 3, device=dev), torch.zeros(3, device=dev)  # [line, epoch]
-    images, steps, skipped, bad_in_a_row, t0 = [0, 0, 0], [0, 0], 0, 0, start  # window, line, epoch
-    stats = list(engine.module.buffers())  # BatchNorm statistics (and its batch counter)
-    saved = [b.clone() for b in stats]
-    for i, (x, y) in enumerate(train_batches(data, run.epoch)):
-        boundary = i % gas == gas - 1  # counted here, so that a skipped step cannot shift windows
-        engine.set_gradient_accumulation_boundary(boundary)
-        if i % gas == 0:  # a skipped step must not keep the BatchNorm update of its forward passes
-            torch._foreach_copy_(saved, stats)
-        loss, logits = forward_loss(engine, x, y, args)
-        with reduce_unless_alone(engine):
-            engine.backward(loss)
-        window[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
-        images[0] += len(y)
-        if not boundary:
-            engine.step()  # no update yet: DeepSpeed accumulates the gradients
-            continue
-        window[2], ok = optimizer_step(engine, own_clip)
-        if ok:
-            sums += window
-            images = [0, images[1] + images[0], images[2] + images[0]]
-            steps, bad_in_a_row = [steps[0] + 1, steps[1] + 1], 0
-        else:
-            torch._foreach_copy_(stats, saved)
-            images[0], skipped, bad_in_a_row = 0, skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row >= args.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} non-finite steps in a row in epoch "
-                                       f"{run.epoch + 1}")
-        window.zero_()
-        if ok and engine.global_steps % args.log_interval == 0:
-            loss_, acc, norm = global_means(sums[0], images[1], steps[0])
-            say(f"  step {engine.global_steps:6d} | epoch {run.epoch + 1:3d} | loss {loss_:.4f} | "
-                f"acc {acc:6.2f}% | grad norm {norm:.4f} | lr {engine.get_lr()[0]:.3e} | "
-                f"{images[1] * dist.get_world_size() / (time.time() - t0):,.0f} img/s")
-            record(engine, "Train", {"train_loss": loss_, "train_accuracy": acc, "grad_norm": norm})
-            sums[0].zero_()
-            images[1], steps[0], t0 = 0, 0, time.time()
-        if 0 < args.max_steps <= engine.global_steps:
-            break
-    for b in filter(torch.is_floating_point, stats):  # DeepSpeed, unlike DDP, does not sync
-        dist.all_reduce(b)  # buffers: average the statistics over ranks
-        b.div_(dist.get_world_size())
-    loss, acc, norm = global_means(sums[1], images[2], steps[1])
-    n, seconds = images[2] * dist.get_world_size(), time.time() - start
-    return {"train_loss": loss, "train_accuracy": acc, "grad_norm": norm, "skipped_steps": skipped,
-            "train_images": n, "epoch_time_s": seconds, "images_per_s": n / seconds}
-
-
-def optimizer_step(engine, own_clip):
-    """The update that ends an accumulation window: (grad norm, applied). A step with non-finite
-    gradients is skipped, the same way on every rank."""
-    norm = 0.0
-    if own_clip is not None:  # fp32 without ZeRO: the script checks and clips (load_config)
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)  # the gradients are all-reduced already
-        if not torch.isfinite(norm):  # the one per-step host read, on this path only
-            engine.zero_grad()
-            return 0.0, False
-        if own_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), own_clip, norm)
-    skipped = engine.skipped_steps
-    engine.step()
-    if engine.skipped_steps != skipped:  # DeepSpeed found non-finite gradients itself
-        return 0.0, False
-    return (engine.get_global_grad_norm() if own_clip is None else norm), True
-
-
-def global_means(sums, images, steps):
-    """(loss, accuracy %, grad norm) over all ranks from this rank's sums; shards are equal."""
-    total, world = sums.double(), dist.get_world_size()
-    dist.all_reduce(total)
-    loss, hits, norm = total.tolist()
-    n = max(images * world, 1)
-    return loss / n, 100 * hits / n, norm / max(steps * world, 1)
-
-
-@torch.no_grad()
-def evaluate(engine, batches, classes, args):
-    """Global loss, accuracy and per-class accuracy (%) over the rank-sharded images."""
-    engine.eval()
-    k = len(classes)
-    sums = torch.zeros(1 + 2 * k, dtype=torch.float64, device=engine.device)
-    for x, y in batches.epoch(0):
-        logits = predict(engine, x, args)
-        sums[0] += F.cross_entropy(logits, y, reduction="sum")
-        sums[1:1 + k].index_add_(0, y, (logits.argmax(1) == y).double())
-        sums[1 + k:].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-    dist.all_reduce(sums)
-    engine.train()
-    hits, seen = sums[1:1 + k], sums[1 + k:]
-    n = seen.sum().item()
-    return {"loss": sums[0].item() / n, "accuracy": 100 * hits.sum().item() / n, "images": int(n),
-            "per_class": (100 * hits / seen.clamp(min=1)).tolist()}
-
-
-# ============================================================ checkpoints and outputs
-RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "monitor", "curves.png")  # a run's own
-OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
 
 
 def check_output_dir(args):
@@ -788,163 +1013,6 @@ def release_output_dir(args):
             os.rmdir(args.output_dir)
 
 
-def read_checkpoint(args, model_class):
-    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
-    again come from it; another dataset, data, seed or model needs --allow-changes."""
-    d = args.resume or args.output_dir
-    folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
-    if not os.path.isfile(f"{folder}/latest"):
-        raise UsageError(f"--resume: no checkpoint in {d} (no {folder}/latest)")
-    with open(f"{folder}/latest") as f:
-        tag = f.read().strip()
-    files = sorted(glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_.*
-    try:  # DeepSpeed's own file: the model, its config and counters, and the RunState
-        state = torch.load(files[0], weights_only=False)
-    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
-        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
-    example = state.get("example") if isinstance(state, dict) else None
-    if example != EXAMPLE:
-        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
-    was = state.get("run", {}).get("identity")
-    if not was and not args.allow_changes:
-        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
-                         "flags (an older script wrote it); --allow-changes resumes it as told")
-    if was:
-        take_flags(args, was["args"])
-        now = identity(args, model_class)
-        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
-                   if was[k] != now[k]]
-        if changed and not args.allow_changes:
-            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
-                             "(checkpoint -> this command); leave such flags out to continue "
-                             "it, or add --allow-changes if the change is meant")
-    if state.get("run", {}).get("epoch", 0) >= args.epochs:
-        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
-                         "--epochs to train on")
-    return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
-
-
-def take_flags(args, given):
-    """The flags the checkpoint's run was given, where this command does not give them again;
-    where to write, when to stop early and what to resume are this command's own."""
-    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
-    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
-    vars(args).update(taken)
-    args.given.update(taken)
-    if taken:
-        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
-
-
-def identity(args, model_class):
-    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
-    seed or model, and takes the flags ("args") the user gave where they are not given again."""
-    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
-            "model": model_class.__name__, "args": args.given}
-
-
-def data_fingerprint(args):
-    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
-    from the start, middle and end of 256 of them at most. Generated data: --seed and its size."""
-    if args.dataset == "synthetic":
-        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
-    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
-                   if not f.startswith("."))  # not the decoded-image caches
-    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
-    digest = hashlib.sha256(repr(listing).encode())
-    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
-        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
-            for at in (0, size // 2, max(0, size - 4096)):
-                f.seek(at)
-                digest.update(f.read(4096))
-    return f"{len(files)} files, {digest.hexdigest()[:12]}"
-
-
-def fit_to_checkpoint(cfg, ckpt, world):
-    """Resume as the checkpoint's run went on: with its global batch where gradient accumulation can
-    make up for another number of ranks (else say what changes), and a ZeRO checkpoint, whose
-    optimizer state is split by rank, read in DeepSpeed's universal form on another count."""
-    old = ckpt.state["ds_config"]
-    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-    was = [old.get(keys[0]), old.get(keys[1], 1), ckpt.state["dp_world_size"]]
-    ckpt.global_batch = math.prod(was)
-    if ckpt.global_batch % (cfg[keys[0]] * world) == 0:
-        cfg[keys[1]] = ckpt.global_batch // (cfg[keys[0]] * world)
-    now = [cfg[keys[0]], cfg[keys[1]], world]
-    if now != was:
-        say(f"notice: the checkpoint's micro batch x accumulation x ranks was "
-            f"{' x '.join(map(str, was))}, this run's is {' x '.join(map(str, now))}: "
-            + ("the same global batch" if math.prod(now) == ckpt.global_batch else
-               f"the global batch changes from {ckpt.global_batch} to {math.prod(now)}"))
-    if was[2] != world and old.get("zero_optimization", {}).get("stage", 0) > 0:
-        refuse_what_ds_to_universal_cannot_convert(ckpt, old, world)
-        cfg["checkpoint"], ckpt.universal = {"load_universal": True}, True
-
-
-def restore(engine, ckpt):
-    """Weights, optimizer and LR schedule through DeepSpeed; then the loop's RunState."""
-    if ckpt.universal:  # rank 0 converts it once, beside the original; then every rank reads it
-        if dist.get_rank() == 0 and not os.path.isdir(f"{ckpt.folder}/{ckpt.tag}_universal"):
-            say(f"Converting : {ckpt.folder}/{ckpt.tag} to DeepSpeed's universal checkpoint")
-            to_universal(f"{ckpt.folder}/{ckpt.tag}", f"{ckpt.folder}/{ckpt.tag}_universal")
-        dist.barrier()
-        ckpt.tag += "_universal"
-    try:
-        engine.load_checkpoint(ckpt.folder, tag=ckpt.tag, load_lr_scheduler_states=True)
-    except Exception as e:  # noqa: BLE001 - a truncated shard, another model: user-facing
-        raise UsageError(f"--resume: cannot load {ckpt.folder}/{ckpt.tag}: {first_line(e)}"
-                         ) from None
-    if engine.train_batch_size() != ckpt.global_batch and engine.lr_scheduler:  # the schedule
-        samples = ckpt.state["global_samples"]  # goes on from the samples seen, not the steps
-        engine.lr_scheduler.last_batch_iteration = samples // engine.train_batch_size() - 1
-    run = RunState(**ckpt.state["run"])
-    torch.set_rng_state(run.rng["cpu"])
-    get_accelerator().set_rng_state(run.rng["device"])
-    monitor_resumes_at(engine, ckpt.state["global_samples"])
-    say(f"Resumed    : {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
-    return run
-
-
-def to_universal(src, dst):
-    """DeepSpeed's universal checkpoint of `src`: what `python -m deepspeed.checkpoint.
-    ds_to_universal --input_folder SRC --output_folder DST --inject_missing_state` writes (these
-    models need the last flag); into a temporary folder first, then renamed."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    tmp = f"{dst}.tmp{os.getpid()}"
-    opts = SimpleNamespace(input_folder=src, output_folder=tmp, num_extract_workers=1, strict=True,
-                           num_merge_workers=1, keep_temp_folder=False, inject_missing_state=True)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        with contextlib.redirect_stderr(quiet):  # its progress bars
-            ds_to_universal.main(opts)
-    os.replace(tmp, dst)
-
-
-def save_epoch(engine, run, args, cfg, own_clip, write_model):
-    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank), and the plain weights
-    where write_model. Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save
-    leaves the previous checkpoint in force) and metrics.json; only the latest and best epochs'
-    checkpoints are kept."""
-    ckpt, tag = f"{args.output_dir}/checkpoints", f"epoch{run.epoch:04d}"
-    run.rng = {"cpu": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
-    weights = plain_weights(engine) if write_model else None  # a collective under ZeRO-3
-    if weights and dist.get_rank() == 0:
-        atomic_write(f"{args.output_dir}/model.pt", lambda tmp: torch.save(weights, tmp))
-    try:
-        engine.save_checkpoint(ckpt, tag=tag, client_state={"example": EXAMPLE, "run": asdict(run)},
-                               save_latest=False)
-    except (OSError, RuntimeError) as e:  # a full disk: `latest` still names the previous epoch
-        raise UsageError(f"cannot write checkpoint {ckpt}/{tag}: {first_line(e)} (disk full? free "
-                         "some space or choose another --output-dir)") from None
-    if dist.get_rank() == 0:
-        atomic_write(f"{ckpt}/latest", lambda tmp: open(tmp, "w").write(tag))
-        for old in os.listdir(ckpt):
-            if old.startswith("epoch") and old not in (tag, f"epoch{run.best_epoch:04d}"):
-                shutil.rmtree(f"{ckpt}/{old}", ignore_errors=True)
-        write_metrics(args, cfg, own_clip, run)
-        settle_set_aside(args.output_dir)  # the run --overwrite replaces goes now
-
-
 def atomic_write(path, write):
     """write(tmp), then rename tmp to `path`: a crash never leaves a half-written file there."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -960,6 +1028,33 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def augment(images, g, places, n):
+    """Random 32x32 crops of the images zero-padded by 4 px (as torchvision's RandomCrop(32, 4))
+    and horizontal flips, for a whole shard: 18 masked copies an epoch instead of work per step.
+    Drawn per place in the epoch's permutation: any world size, or a resumed run, gets the same."""
+    shifts = torch.randint(0, 9, (n, 2), generator=g)[places].to(images.device)  # rows, columns
+    flips = (torch.rand(n, generator=g) < 0.5)[places].to(images.device)
+    padded = F.pad(images, (4, 4, 4, 4))
+    rows = images.new_empty(len(images), 3, 32, 40)
+    out = torch.empty_like(images)
+    for d in range(9):
+        rows[shifts[:, 0] == d] = padded[shifts[:, 0] == d, :, d:d + 32]
+    for d in range(9):
+        out[shifts[:, 1] == d] = rows[shifts[:, 1] == d, :, :, d:d + 32]
+    return normalize(torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out))
+
+
+def normalize(images, *_):
+    """uint8 pixels to the per-channel standardized floats the model trains on."""
+    mean, std = channel_stats(images.device)
+    return (images.float() / 255 - mean) / std
+
+
+@functools.cache  # MEAN and STD copied to the device once, not for every batch
+def channel_stats(device):
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+
+
 def write_metrics(args, cfg, own_clip, run, final=None):
     doc = {"example": EXAMPLE, "world_size": dist.get_world_size(), "config": cfg,
            "gradient_clipping_by_script": own_clip, "epochs": run.history, "final": final,
@@ -967,130 +1062,132 @@ def write_metrics(args, cfg, own_clip, run, final=None):
     atomic_write(f"{args.output_dir}/metrics.json", lambda t: open(t, "w").write(json.dumps(doc)))
 
 
-def record(engine, group, values, wandb_run=None):
-    """Metrics for DeepSpeed's monitors (csv, TensorBoard: on when the config enables them), indexed
-    by samples seen like DeepSpeed's own rows, and for W&B."""
-    if engine.monitor.enabled:
-        engine.monitor.write_events([(f"{group}/Samples/{k}", v, engine.global_samples)
-                                     for k, v in values.items()])
-    if wandb_run:
-        wandb_run.log({f"{group}/{k}": v for k, v in values.items()}, step=engine.global_samples)
+def synthetic(n, seed, split):
+    """n uint8 images in 10 classes: a smooth colour pattern per class (from seed), shifted by up
+    to 4 px, scaled in contrast and buried in noise. Learnable, offline; not CIFAR-10."""
+    protos = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    protos = F.interpolate(protos, 32, mode="bilinear")
+    protos = (protos - protos.mean((1, 2, 3), keepdim=True)) / protos.std((1, 2, 3), keepdim=True)
+    g = torch.Generator().manual_seed(seed * 1000 + split)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    shift = torch.randint(-4, 5, (n, 2), generator=g)  # pixels down and right
+    x = protos[labels]
+    for a in range(-4, 5):  # roll each image by its own shift: one roll per distinct shift
+        for b in range(-4, 5):
+            sel = (shift[:, 0] == a) & (shift[:, 1] == b)
+            x[sel] = x[sel].roll((a, b), (2, 3))
+    x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g))  # contrast
+    x = x + 3 * torch.randn(x.shape, generator=g)  # noise of 3x the patterns' std
+    return (128 + 25 * x).clamp(0, 255).to(torch.uint8), labels
 
 
-def plot_curves(history, path):
-    """curves.png: loss and accuracy per epoch, train and test; False without matplotlib."""
+def load_cifar10(data_dir):
+    """torchvision's CIFAR-10 files (it checks their md5 sums) as uint8 [N, 3, 32, 32] tensors."""
+    from torchvision.datasets import CIFAR10
+
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, what, unit in zip(axes, ("loss", "accuracy"), ("cross-entropy", "accuracy (%)")):
-        for split in ("train", "test"):
-            ax.plot([h["epoch"] for h in history], [h[f"{split}_{what}"] for h in history],
-                    label=f"{split} {what}")
-        ax.set(xlabel="epoch", ylabel=unit)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(EXAMPLE)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return True
+        sets = [CIFAR10(data_dir, train=train, download=True) for train in (True, False)]
+    except Exception as e:  # noqa: BLE001 - offline, corrupt or missing files: all user-facing
+        raise UsageError(f"CIFAR-10 is not in {data_dir} (or is corrupted) and could not be "
+                         f"downloaded ({first_line(e)[:80]}).\nFetch https://www.cs.toronto.edu/"
+                         f"~kriz/cifar-10-python.tar.gz and unpack it in {data_dir}, or use "
+                         "--dataset synthetic") from None
+    return *[(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets))
+             for s in sets], CLASSES
 
 
-def init_wandb(args, cfg):
-    """Weights & Biases when asked for (rank 0 only); a failure only costs the logging."""
-    if not (args.wandb or os.environ.get("WANDB_API_KEY")) or dist.get_rank() != 0:
-        return None
+def rank0_first(load, device):
+    """load() on rank 0 first (it may download), then on the others; an error stops every rank."""
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = load()
+        except UsageError as e:
+            error = e
+    failed = torch.tensor([float(error is not None)], device=device)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise error or UsageError("rank 0 could not load the dataset (it says why)")
+    return result if dist.get_rank() == 0 else load()
+
+
+def load_imagefolder(root, cache_dirs):
+    """root/{train,test}/<class>/<image>, the same class folders in both (sorted, they give the
+    labels). Every image is decoded once, which also checks it; the result is kept beside the data
+    (or in --output-dir) under a key of the files' names, sizes and times: later runs load it."""
+    files, classes = {}, {}
+    for split in ("train", "test"):
+        d = os.path.join(root, split)
+        found = sorted(e.name for e in os.scandir(d) if e.is_dir()) if os.path.isdir(d) else []
+        classes[split] = found
+        files[split] = [(e.path, label) for label, c in enumerate(classes[split])
+                        for e in sorted(os.scandir(os.path.join(d, c)), key=lambda e: e.name)]
+        labels = {label for _, label in files[split]}
+        empty = [c for label, c in enumerate(found) if label not in labels]
+        if not files[split] or empty:
+            raise UsageError(f"--dataset imagefolder: no images in {os.path.join(d, *empty[:1])}"
+                             f" (expected {root}/{{train,test}}/<class>/<image>)")
+    if classes["train"] != classes["test"]:
+        raise UsageError("--dataset imagefolder: class folders differ between train/ ("
+                         f"{', '.join(classes['train'])}) and test/ ({', '.join(classes['test'])})")
+    paths = [path for split in files.values() for path, _ in split]
+    key = hashlib.sha256("".join(f"{os.path.relpath(p, root)}:{s.st_size}:{s.st_mtime_ns};"
+                                 for p in paths for s in [os.stat(p)]).encode()).hexdigest()[:16]
+    caches = [os.path.join(d, f".decoded-{key}.pt") for d in cache_dirs]
+    images = next((x for x in map(read_cache, caches) if x is not None), None)
+    if images is None:
+        images = decode_images(paths)
+        kept = {"images": images, "sha256": hashlib.sha256(images.numpy()).hexdigest()}
+        for cache in caches:  # beside the data if that is writable, else in --output-dir
+            with contextlib.suppress(UsageError):
+                atomic_write(cache, lambda tmp: torch.save(kept, tmp))
+                break
+    labels = torch.tensor([label for split in files.values() for _, label in split])
+    n = len(files["train"])
+    return (images[:n], labels[:n]), (images[n:], labels[n:]), classes["train"]
+
+
+def read_cache(path):
+    """The images kept in `path` if their sha256 (0.3 s for 184 MB) verifies; a file that does not
+    (empty, cut short, changed, not a cache) is named in a notice, and the caller rebuilds it."""
+    with contextlib.suppress(Exception):  # whatever is wrong with the file, decoding repairs it
+        kept = torch.load(path, weights_only=True)
+        if kept["sha256"] == hashlib.sha256(kept["images"].numpy()).hexdigest():
+            return kept["images"]
+    if os.path.exists(path):
+        say(f"Cache      : {path} does not verify; decoding the images again")
+    return None
+
+
+def decode_images(paths):
+    """The images as one uint8 [N, 3, 32, 32] tensor; many are decoded by a pool of processes."""
+    import multiprocessing
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), len(paths) // 1000)
+    if workers < 2:
+        pixels = list(map(decode_image, paths))
+    else:  # close and join, not terminate: a worker killed while holding the queue's lock hangs
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        pixels = pool.map(decode_image, paths, chunksize=256)
+        pool.close()
+        pool.join()
+    bad = next((p for p, px in zip(paths, pixels) if px is None), None)
+    if bad:
+        raise UsageError(f"--dataset imagefolder: cannot read image {bad}; remove or replace it")
+    flat = torch.frombuffer(bytearray(b"".join(pixels)), dtype=torch.uint8)
+    return flat.view(-1, 32, 32, 3).permute(0, 3, 1, 2).contiguous()
+
+
+def decode_image(path):
+    """RGB pixels of one image, resized to 32x32 if needed; None if it cannot be decoded."""
+    from PIL import Image
+
     try:
-        import wandb
-
-        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))  # W&B's own variable
-        return wandb.init(project="deepspeed-cnn-examples", name=EXAMPLE,
-                          config={"ds_config": cfg, **vars(args)},
-                          settings=wandb.Settings(init_timeout=timeout, silent=True))
-    except Exception as e:  # noqa: BLE001 - no network, a bad key, not installed
-        say(f"warning: Weights & Biases disabled ({first_line(e)[:150]})")
+        with Image.open(path) as im:
+            return im.convert("RGB").resize((32, 32), Image.BILINEAR).tobytes()
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
-
-
-def quality(accuracy):
-    for floor, tier in ((80, "Excellent"), (70, "Good"), (60, "Fair"), (0, "Poor")):
-        if accuracy >= floor:
-            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
-                          else "under 60% right: train longer or revisit the learning rate")
-
-
-# ============================================================ main
-def main(args):
-    start = time.time()
-    resume = read_checkpoint(args, CIFAR10CNNEnhanced) if args.resume is not None else None
-    world, on_cpu = int(os.environ.get("WORLD_SIZE", 1)), get_accelerator().device_name() == "cpu"
-    cfg, dtype, own_clip = load_config(args, world, on_cpu)  # every user input is checked first
-    check_output_dir(args)
-    if resume:
-        fit_to_checkpoint(cfg, resume, world)
-    rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)
-
-    data = load_data(args, cfg, dtype, rank, world, device)
-    fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
-    model = CIFAR10CNNEnhanced(len(data.classes))
-    model.classes = data.classes  # model.pt carries them
-    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
-    # all-reduce and checkpoints, all as the config says.
-    with config_errors_in_one_line(args.deepspeed_config):
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=cfg)
-    run = restore(engine, resume) if resume else RunState()
-    run.identity = identity(args, CIFAR10CNNEnhanced)  # saved with every checkpoint
-    resumed_at = run.epoch  # with --val-split, model.pt is this run's if it finds a better epoch
-    sched, opt = cfg.get("scheduler", {}), cfg["optimizer"]
-    gas, n_params = engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters())
-    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
-        f"Dataset    : {args.dataset}, {len(data.train.labels):,} train / "
-        f"{len(data.test.labels):,} test" + f" / {args.val_split:,} validation" * bool(data.val)
-        + f" images, {len(data.classes)} classes; crops and flips on the device",
-        f"Model      : CIFAR10CNNEnhanced, {n_params:,} parameters",
-        f"Precision  : {dtype} | ZeRO stage {engine.zero_optimization_stage()} | gradient clipping "
-        f"{engine.gradient_clipping() if own_clip is None else own_clip:g}"
-        f"{' (by the script)' if own_clip else ''} | device {device.type} | world size {world}",
-        f"Batch      : {cfg['train_micro_batch_size_per_gpu']} per rank x {gas} accumulation x "
-        f"{world} ranks = {engine.train_batch_size()} global; {len(data.train) // gas} steps/epoch",
-        f"Schedule   : {args.epochs} epochs, {opt['type']} lr {opt.get('params', {}).get('lr')}, "
-        f"{sched.get('type', 'constant')} {json.dumps(sched.get('params', {}))}",
-        f"Output     : {os.path.abspath(args.output_dir)}", "-" * 80)
-    wandb_run = init_wandb(args, cfg)
-
-    for epoch in range(run.epoch, args.epochs):
-        train = train_one_epoch(engine, data, run, args, own_clip)
-        test = evaluate(engine, data.test, data.classes, args)
-        val = evaluate(engine, data.val, data.classes, args) if data.val else None
-        row = {"epoch": epoch + 1, **train, "test_loss": test["loss"],
-               "test_accuracy": test["accuracy"], "test_images": test["images"],
-               "lr": engine.get_lr()[0], **({"val_accuracy": val["accuracy"]} if val else {})}
-        best = run.record(row, (val or test)["accuracy"], args)
-        run.wall_time_s, start = run.wall_time_s + time.time() - start, time.time()
-        say(f"epoch {epoch + 1:3d}/{args.epochs} | train loss {row['train_loss']:.4f} acc "
-            f"{row['train_accuracy']:6.2f}% | " + f"val acc {row.get('val_accuracy', 0):6.2f}% | "
-            * bool(val)
-            + f"test loss {test['loss']:.4f} acc {test['accuracy']:6.2f}% | grad norm "
-            f"{row['grad_norm']:.4f} | lr {row['lr']:.3e} | skipped {row['skipped_steps']} | "
-            f"{row['epoch_time_s']:.1f}s {row['images_per_s']:,.0f} img/s" + " | best" * best)
-        record(engine, "Epoch", {k: v for k, v in row.items() if k.endswith(("loss", "accuracy"))},
-               wandb_run)
-        keep = best or not data.val  # model.pt: the best on --val-split, else the last epoch
-        save_epoch(engine, run, args, cfg, own_clip, write_model=keep)
-        reason = run.stop_reason(args, engine.global_steps)
-        if reason:
-            say(reason)
-            break
-    saved = run.best_epoch > resumed_at or not data.val
-    report(run, test, data, args, cfg, own_clip, wandb_run, model_saved=saved)
-    return 0
 
 
 def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
@@ -1136,64 +1233,51 @@ def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
         wandb_run.finish()
 
 
-def run(argv=None):
-    """main() as a command: a user's mistake ends in one or two lines and exit code 2, divergence
-    in 3, Ctrl-C in 130, SIGTERM in 143 (naming the checkpoint to resume from), as when the
-    launcher is gone or another rank stopped first; then teardown."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    watch_launcher()
-    quiet_known_messages()
-    code, args, rank0 = 1, None, os.environ.get("RANK", "0") == "0"
+def init_wandb(args, cfg):
+    """Weights & Biases when asked for (rank 0 only); a failure only costs the logging."""
+    if not (args.wandb or os.environ.get("WANDB_API_KEY")) or dist.get_rank() != 0:
+        return None
     try:
-        args = parse_args(argv)
-        code = main(args)
-    except UsageError as e:
-        code = 2
-        print(f"error: {e}", file=sys.stderr) if rank0 else time.sleep(3)  # let rank 0 say why
-    except TrainingDiverged as e:
-        code = 3
-        print(f"error: training diverged: {e}; nothing was learned from them.\n  check: the data "
-              "for NaN/Inf, a lower learning rate, gradient_clipping > 0, --dtype fp32 or bf16",
-              file=sys.stderr) if rank0 else None
-    except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
-            signal.signal(sig, signal.SIG_IGN)
-        if isinstance(e, RuntimeError) and not from_a_collective(e):
-            raise
-        code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 143)
-        latest = f"{args.output_dir}/checkpoints/latest" if args else ""
-        if rank0 and os.path.isfile(latest):
-            with open(latest) as f:
-                epoch = int(f.read().strip()[5:])
-            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; "
-                  f"{how_to_resume(args)}", file=sys.stderr)
-    finally:
-        if dist.is_initialized():
-            if code == 0:  # every rank waits for rank 0's last files before tearing down
-                dist.barrier()
-            dist.destroy_process_group()
-        release_shm_buffer()
-        release_output_dir(args)
-    return code
+        import wandb
+
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))  # W&B's own variable
+        return wandb.init(project="deepspeed-cnn-examples", name=EXAMPLE,
+                          config={"ds_config": cfg, **vars(args)},
+                          settings=wandb.Settings(init_timeout=timeout, silent=True))
+    except Exception as e:  # noqa: BLE001 - no network, a bad key, not installed
+        say(f"warning: Weights & Biases disabled ({first_line(e)[:150]})")
+        return None
 
 
-def how_to_resume(args):
-    """The command that continues this run: --resume takes every other flag from the checkpoint."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_SIZE", world))  # this node's ranks (DeepSpeed's launcher)
-    if "LOCAL_RANK" not in os.environ:  # plain `python`, one process
-        launcher = "python"
-    elif world > local:  # several nodes
-        launcher = "deepspeed --hostfile=HOSTFILE"
-    else:
-        launcher = f"deepspeed --num_gpus={local}"
-    script = shlex.quote(sys.argv[0])
-    return f"to continue: {launcher} {script} --output-dir {shlex.quote(args.output_dir)} --resume"
+def plot_curves(history, path):
+    """curves.png: loss and accuracy per epoch, train and test; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, what, unit in zip(axes, ("loss", "accuracy"), ("cross-entropy", "accuracy (%)")):
+        for split in ("train", "test"):
+            ax.plot([h["epoch"] for h in history], [h[f"{split}_{what}"] for h in history],
+                    label=f"{split} {what}")
+        ax.set(xlabel="epoch", ylabel=unit)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(EXAMPLE)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return True
 
 
-def from_a_collective(e):
-    """An error raised inside torch.distributed: a collective whose peer rank went away."""
-    return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
+def quality(accuracy):
+    for floor, tier in ((80, "Excellent"), (70, "Good"), (60, "Fair"), (0, "Poor")):
+        if accuracy >= floor:
+            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
+                          else "under 60% right: train longer or revisit the learning rate")
 
 
 # ======================================================= DeepSpeed 0.19.8 workarounds

@@ -34,6 +34,7 @@ SPEC = {
     "03_cifar10_basic": dict(train=320, test=64, micro=8, model="Net", learned=30),
 }
 EPOCHS = 2
+VAL_SPLIT = 48  # 02's training images held out to choose model.pt on
 
 
 def steps_per_epoch(example, ranks):
@@ -92,8 +93,13 @@ def jobs(ex, st, tmp):
         st["common"] + ["--deepspeed_config", st["cfg"][1], "--output-dir", tmp / "ow", "--epochs",
                         1, "--max-steps", 3, "--overwrite"],
     ]
-    one = partial(launch, ex, runs=sequence, drive=["--nan", "3:0:1:3", "--drop", "4:0:1:2,4:0:1:3"],
-                  cwd=tmp, timeout=400)
+    nan = ["3:0:1:3"]
+    if ex == "02_cifar10":  # --val-split, 3 epochs; every batch of epoch 3 NaN: all its steps skip
+        sequence.append(st["common"] + ["--deepspeed_config", st["cfg"][1], "--output-dir",
+                                        tmp / "val", "--val-split", VAL_SPLIT, "--epochs", 3])
+        nan += [f"{len(sequence) - 1}:0:3:{b}" for b in range(steps_per_epoch(ex, 1))]
+    one = partial(launch, ex, runs=sequence, drive=["--nan", ",".join(nan), "--drop",
+                                                    "4:0:1:2,4:0:1:3"], cwd=tmp, timeout=400)
     return [((ex, "two"), two), ((ex, "one"), one)]
 
 
@@ -237,6 +243,28 @@ def test_overwrite_replaces_a_run(runs):
     m = json.loads((tmp / "ow" / "metrics.json").read_text())
     assert m["args"]["overwrite"] and m["args"]["max_steps"] == 3
     assert "Stopping at --max-steps 3" in second.stdout
+
+
+@pytest.mark.parametrize("ex", ["02_cifar10"])  # the rung that has --val-split
+def test_val_split_chooses_model_pt_on_held_out_images(launched, ex):
+    """02 with --val-split: model.pt is the best epoch on the held-out training images (never chosen
+    on the test set), and the summary and metrics.json say so. Epoch 3 sees only NaN batches, so
+    it cannot beat an earlier epoch: model.pt stays that epoch's while the run goes on."""
+    one, tmp = launched[(ex, "one")], launched[(ex, "two")].output_dir.parent
+    run = one.part(7)
+    assert run.rc == 0, one
+    m = run.metrics(tmp / "val")
+    val = [e["val_accuracy"] for e in m["epochs"]]
+    best = val.index(max(val)) + 1
+    assert len(val) == 3 and best < 3 and m["epochs"][2]["skipped_steps"] > 0, m["epochs"]
+    assert m["epochs"][0]["train_images"] == SPEC[ex]["train"] - VAL_SPLIT  # held out: not trained
+    final = m["final"]
+    assert final["selected_on"] == "val" and final["model_epoch"] == final["best_epoch"] == best
+    assert f"model.pt: epoch {best}, the best on --val-split" in run.stdout, run
+    saved = torch.load(tmp / "val" / "checkpoints" / f"epoch{best:04d}" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    model = torch.load(tmp / "val" / "model.pt", weights_only=True)
+    assert saved.keys() == model.keys() and all(same(saved[k], model[k]) for k in saved)
 
 
 def test_a_training_step_equals_plain_pytorch(launched):
