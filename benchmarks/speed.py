@@ -77,8 +77,8 @@ def launch(a, rest):
 
 
 # ============================================================================ step
-def load_example(example):
-    spec = importlib.util.spec_from_file_location("train_ds", REPO / example / "train_ds.py")
+def load_example(example, script=None):
+    spec = importlib.util.spec_from_file_location("train_ds", script or REPO / example / "train_ds.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["train_ds"] = mod
     spec.loader.exec_module(mod)
@@ -101,7 +101,7 @@ def step(a):
     import torch
     import torch.nn.functional as F
 
-    ex = load_example(a.example)
+    ex = load_example(a.example, a.script)
     rank, world, device = ex.setup_distributed()
     flags = ["--deepspeed_config", a.config, "--dataset", a.dataset, "--data-dir", a.data_dir,
              "--epochs", "10", "--log-interval", "1000000", *shlex.split(a.flags)]
@@ -133,7 +133,7 @@ def step(a):
         run.epoch = e
         ex.train_one_epoch(engine, data, run, args, own_clip)
 
-    result = {"example": a.example, "config": a.config, "steps_per_epoch": steps, "dtype": dtype,
+    result = {"example": a.example, "script": a.script, "config": a.config, "steps_per_epoch": steps, "dtype": dtype,
               "compiled": a.compile, "variant": a.variant, **machine()}
     result["script_ms"] = 1000 * timed_epochs(script_epoch, a.epochs, sync) / steps
     smoothing = getattr(args, "label_smoothing", 0.0)
@@ -175,7 +175,8 @@ def step(a):
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"step_{a.example}{'_compiled' if a.compile else ''}_{a.variant}.json"
+    tail = f"_{Path(a.script).parent.name}" if a.script else ""
+    name = f"step_{a.example}{tail}{'_compiled' if a.compile else ''}_{a.variant}.json"
     (out / name).write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
 
@@ -204,6 +205,7 @@ def main():
     sp.add_argument("--dataset", default="imagefolder")
     sp.add_argument("--data-dir", default="/tmp/cifar10-jpeg")
     sp.add_argument("--epochs", type=int, default=4, help="timed epochs per loop (the first is warm-up)")
+    sp.add_argument("--script", help="a variant of the example's train_ds.py to time instead")
     sp.add_argument("--compile", action="store_true", help="time the script's step after engine.compile()")
     sp.add_argument("--variant", choices=["none", "no-sync", "no-check"], default="none",
                     help="no-sync: backward without the all-reduce (one rank); no-check: without the "
