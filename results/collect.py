@@ -33,6 +33,8 @@ def row(folder):
         "runs": len(exits), "worst_launcher_to_exit_s": max(exits),
         "median_test_accuracy": statistics.median(r["test_accuracy"] for r in timing["runs"]),
         "all_runs": timing["runs"],
+        "seeds": [r["seed"] for r in timing["runs"] if r.get("seed") is not None],
+        "concurrent": timing.get("concurrent", False),
     }
 
 
@@ -53,10 +55,17 @@ def table(index):
              "script wall | folder |", "|---|---|---|---|---|---|---|---|---|"]
     for r in index["rows"]:
         exit_s = f"{r['launcher_to_exit_s']:.1f} s"
-        if r["runs"] > 1:
+        accuracy = f"{r['test_accuracy']:.2f}%"
+        if r["runs"] > 1 and not r["seeds"]:
             exit_s += f" (median of {r['runs']}; worst {r['worst_launcher_to_exit_s']:.1f} s)"
+        if r["seeds"]:
+            spread = [x["test_accuracy"] for x in r["all_runs"]]
+            accuracy += (f" (median of seeds {', '.join(map(str, r['seeds']))}; "
+                         f"{min(spread):.2f}-{max(spread):.2f}%)")
+        if r["concurrent"]:
+            exit_s += " (its runs at once on one GPU)"
         lines.append(f"| {r['example']} | {r['recipe']} | {r['precision']} | {r['hardware']} | "
-                     f"{r['epochs']} | {r['test_accuracy']:.2f}% | {exit_s} | {r['script_wall_s']:.1f} s | "
+                     f"{r['epochs']} | {accuracy} | {exit_s} | {r['script_wall_s']:.1f} s | "
                      f"[{r['folder']}]({r['folder']}/) |")
     return "\n".join(lines)
 
@@ -72,7 +81,10 @@ through the `deepspeed` launcher the READMEs tell you to use, after one warm-up 
 lines and the launcher's environment dump removed; warnings kept), its `metrics.json` and `curves.png`,
 and `timing.json` with every repeat. *Launcher to exit* is timed around the `deepspeed` command;
 *script wall* is the script's own training-loop time (`wall_time_s` in metrics.json). Where a row ran
-several times, the files and the accuracy are those of the run with the median launcher-to-exit time.
+several times, the files and the accuracy are those of the run with the median launcher-to-exit time;
+where it ran once per seed, of the run with the median accuracy, with the seeds' spread beside it.
+Rows marked "at once" ran their seeds side by side on one GPU (small CPU-bound batches): their times
+include waiting for each other and are not the time of a run alone.
 
 The CIFAR-10 runs read a public JPEG export of CIFAR-10 (50,000 train and 10,000 test images, 32x32,
 in `train/<class>/` and `test/<class>/`), not the official pickled batches, which cannot be downloaded
