@@ -69,9 +69,9 @@ class TrainingDiverged(Exception):
 def main(args):
     start = time.time()
     resume = read_checkpoint(args, CIFAR10CNNEnhanced) if args.resume is not None else None
-    world = int(os.environ.get("WORLD_SIZE", 1))  # the launcher's; checked again by DeepSpeed
+    world = int(os.environ.get("WORLD_SIZE", 1))  # the launcher's; 1 under plain python
     on_cpu = get_accelerator().device_name() == "cpu"
-    cfg, dtype, own_clip = load_config(args, world, on_cpu)  # every user input is checked first
+    cfg, dtype, own_clip = load_config(args, world, on_cpu)  # checked before anything slow
     check_output_dir(args)
     if resume:
         fit_to_checkpoint(cfg, resume, world)
@@ -82,14 +82,14 @@ def main(args):
     fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
     model = CIFAR10CNNEnhanced(len(data.classes))
     model.classes = data.classes  # model.pt carries them
-    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
-    # all-reduce and checkpoints, all as the config says.
+    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the
+    # gradient all-reduce and checkpoints, all as the config says.
     with config_errors_in_one_line(args.deepspeed_config):
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=cfg)
     run = restore(engine, resume) if resume else RunState()  # epoch, best, history, RNG
     run.identity = identity(args, CIFAR10CNNEnhanced)  # saved with every checkpoint
-    resumed_at = run.epoch  # with --val-split, model.pt is this run's if it finds a better epoch
+    resumed_at = run.epoch  # with --val-split, this run writes model.pt if an epoch beats it
     print_banner(args, cfg, dtype, own_clip, engine, data)
     wandb_run = init_wandb(args, cfg)
 
@@ -99,7 +99,7 @@ def main(args):
         row = {"epoch": epoch + 1, **train, "test_loss": test["loss"],
                "test_accuracy": test["accuracy"], "test_images": test["images"],
                "lr": engine.get_lr()[0]}
-        chosen_on = test  # which accuracy picks the best epoch: never the test set's for model.pt
+        chosen_on = test  # picks the best epoch; model.pt is never chosen on the test set
         if data.val:
             chosen_on = evaluate(engine, data.val, data.classes, args)
             row["val_accuracy"] = chosen_on["accuracy"]
@@ -109,7 +109,7 @@ def main(args):
         say(epoch_line(row, args, best))
         losses = {k: v for k, v in row.items() if k.endswith(("loss", "accuracy"))}
         record(engine, "Epoch", losses, wandb_run)
-        keep = best or not data.val  # model.pt: the best on --val-split, else the last epoch
+        keep = best or not data.val  # model.pt: the best on --val-split, else the last
         save_epoch(engine, run, args, cfg, own_clip, write_model=keep)
         reason = run.stop_reason(args, engine.global_steps)
         if reason:
@@ -185,7 +185,7 @@ def load_config(args, world, on_cpu):
     cfg.pop("bf16", None)
     if dtype == "fp16":
         cfg["fp16"] = fp16
-    if dtype == "bf16":  # check_grad_overflow: DeepSpeed skips non-finite steps at any stage
+    if dtype == "bf16":  # check_grad_overflow: DeepSpeed skips non-finite steps, any stage
         cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
     refuse_fp16_without_zero(cfg, args.deepspeed_config)
     batchnorm_buffers_follow_precision(cfg, dtype)
@@ -197,7 +197,7 @@ def load_config(args, world, on_cpu):
         own_clip = cfg.get("gradient_clipping", 1.0)
         cfg["gradient_clipping"] = 0.0
     cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
-    for monitor in ("csv_monitor", "tensorboard"):  # DeepSpeed's own monitors: output in the run
+    for monitor in ("csv_monitor", "tensorboard"):  # DeepSpeed's monitors write into the run
         if cfg.get(monitor, {}).get("enabled") and not cfg[monitor].get("output_path"):
             cfg[monitor].update(output_path=f"{args.output_dir}/monitor", job_name=EXAMPLE)
     return cfg, dtype, own_clip
@@ -306,7 +306,7 @@ class DeviceBatches:
         order = torch.arange(n)
         if self.shuffle:
             order = torch.randperm(n, generator=g)
-        places = torch.arange(n)[self.rank::self.world][:self.shard]  # in the epoch's permutation
+        places = torch.arange(n)[self.rank::self.world][:self.shard]  # in the permutation
         idx = order[places].to(self.images.device)
         x = self.prepare(self.images[idx], g, places, n).to(self.dtype)
         y = self.labels[idx]
@@ -429,7 +429,7 @@ def to_universal(src, dst):
 
 
 def print_banner(args, cfg, dtype, own_clip, engine, data):
-    """The run's sizes, computed, never typed in: rank 0 prints them before training starts."""
+    """The run's sizes, computed, never typed in; rank 0 prints them before training."""
     world = dist.get_world_size()
     gas = engine.gradient_accumulation_steps()
     clip = engine.gradient_clipping()
@@ -537,7 +537,7 @@ def optimizer_step(engine, own_clip):
 
 
 def print_step(engine, run, line):
-    """A step line of global means since the last one; the same to DeepSpeed's monitors."""
+    """A step line: global means since the last one; the same to DeepSpeed's monitors."""
     loss, acc, norm = line.means()
     images_per_s = line.images * dist.get_world_size() / (time.time() - line.start)
     say(f"  step {engine.global_steps:6d} | epoch {run.epoch + 1:3d} | loss {loss:.4f} | "
