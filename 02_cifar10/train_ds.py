@@ -1046,13 +1046,9 @@ def augment(images, g, places, n):
 
 def normalize(images, *_):
     """uint8 pixels to the per-channel standardized floats the model trains on."""
-    mean, std = channel_stats(images.device)
-    return (images.float() / 255 - mean) / std
+    from torchvision.transforms.functional import normalize as standardize
 
-
-@functools.cache  # MEAN and STD copied to the device once, not for every batch
-def channel_stats(device):
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return standardize(images.float() / 255, MEAN, STD)
 
 
 def write_metrics(args, cfg, own_clip, run, final=None):
