@@ -1,16 +1,17 @@
-"""Example 03: the classic CIFAR-10 tutorial CNN, trained with DeepSpeed and its own data loader.
+"""Example 03: the classic DeepSpeed CIFAR-10 tutorial: the PyTorch tutorial's Net, trained with
+deepspeed.initialize, DeepSpeed's data loader, engine.backward/engine.step and its checkpoints.
 
-  deepspeed --num_gpus=1 train_ds.py --deepspeed --deepspeed_config ds_config.json  # one GPU or CPU
+  deepspeed --num_gpus=1 train_ds.py --deepspeed --deepspeed_config ds_config.json  # 1 GPU or CPU
   deepspeed --num_gpus=2 train_ds.py --deepspeed_config ds_config_zero2.json      # ZeRO stage 2
-  deepspeed --num_gpus=2 train_ds.py --deepspeed_config ds_config_fp16.json       # fp16 + ZeRO-1
   deepspeed --hostfile=hostfile train_ds.py            # every GPU of the nodes listed in hostfile
+  torchrun --nproc_per_node=2 train_ds.py              # the same script under torchrun
   python train_ds.py --dataset synthetic               # one process, no launcher, no download
   python main.py --num_gpus 2                          # the Python launcher beside this file
   deepspeed --num_gpus=1 train_ds.py --resume          # continue the run in --output-dir
 
-Outputs in --output-dir (default runs/03_cifar10_basic): checkpoints/ (latest and best epoch),
-model.pt (plain state dict of the last epoch), metrics.json and curves.png. A directory holding
-a run is never replaced silently: --resume continues it, --overwrite replaces it.
+Writes to --output-dir (runs/03_cifar10_basic): checkpoints/ (latest and best epoch), model.pt
+(a plain state dict of the last epoch), metrics.json and curves.png. A run there is never
+replaced silently: --resume continues it, --overwrite replaces it.
 """
 
 import argparse
@@ -19,7 +20,6 @@ import fcntl
 import functools
 import glob
 import hashlib
-import inspect
 import itertools
 import json
 import logging
@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.config import DeepSpeedConfig
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision import datasets, transforms
 
@@ -53,63 +54,56 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NORMALIZE = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(), NORMALIZE])
 TEST_BATCH = 1000  # images per evaluation batch and rank
-DATA_FILES = {"cifar10": "cifar-10-batches-py", "imagefolder": ""}  # --resume checks them
-RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "monitor", "curves.png")  # a run's own
+DATA_FILES = {"cifar10": "cifar-10-batches-py", "imagefolder": ""}  # under --data-dir
+RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "curves.png")  # what --overwrite replaces
 OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
 
 
 class UsageError(Exception):
-    """A mistake in flags, config, files or data: one or two lines on stderr, exit code 2."""
+    """A mistake in flags, config, files or data: one or two lines on stderr."""
+    code = 2
 
 
 class TrainingDiverged(Exception):
-    """A non-finite loss in fp32, or an epoch of skipped steps: a diagnosis and exit code 3."""
+    """Non-finite loss or gradients that DeepSpeed did not skip: a diagnosis."""
+    code = 3
 
 
 def main(args):
     start = time.time()
-    ckpt = read_checkpoint(args, Net) if args.resume is not None else None  # may fill in flags
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    on_cpu = get_accelerator().device_name() == "cpu"
-    cfg, dtype = load_config(args, world, on_cpu)  # every user input is checked first
-    check_output_dir(args)
-    if ckpt:
-        fit_to_checkpoint(cfg, ckpt, world)
-    rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)
-    data = load_data(args, cfg, world, device, DTYPES[dtype])
+    cfg, dtype, ckpt = check_inputs(args)  # flags, config, output dir, checkpoint: all first
+    device = setup_distributed()
+    checked = check_with_deepspeed(cfg, args.deepspeed_config)  # for this world size
+    torch.manual_seed(args.seed)  # the model's initial weights
+    data = load_data(args, checked, device, DTYPES[dtype])
     model = Net(len(data.classes))
     model.classes = data.classes  # model.pt carries them
-    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
-    # all-reduce and checkpoints, all as the config says. With training_data= it also builds the
-    # loader: a DistributedSampler gives each rank its own shuffled shard of micro-batches.
+
+    # Step 1: the engine. It owns the optimizer, LR schedule, precision, ZeRO partitioning, the
+    # gradient all-reduce and checkpoints, as the config says. Given training_data it also builds
+    # the loader: a DistributedSampler gives each rank its own shuffled shard of micro-batches.
     with config_errors_in_one_line(args.deepspeed_config):
         engine, _, data.loader, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=cfg,
             training_data=data.trainset)
-    data.loader.data_sampler.seed = args.seed  # DeepSpeed's sampler is seeded 0: --seed owns it
-    run = restore(engine, ckpt) if ckpt else RunState()
+    data.loader.data_sampler.seed = args.seed  # DeepSpeed seeds its sampler with 0
+    run = RunState()
+    if ckpt:
+        run = restore(engine, ckpt)  # load_checkpoint: weights, optimizer, LR schedule
     run.identity = identity(args, Net)  # saved with every checkpoint
-    print_banner(args, cfg, dtype, engine, data, model)
+    print_banner(args, dtype, engine, data, model)
 
     for epoch in range(run.epoch, args.epochs):
-        train = train_one_epoch(engine, data, run, args)
-        test = evaluate(engine, data)
-        row = {"epoch": epoch + 1, **train, "test_loss": test["loss"],
-               "test_accuracy": test["accuracy"], "test_images": test["images"],
-               "lr": engine.get_lr()[0]}
-        best = run.record(row, test["accuracy"], args)
+        train = train_one_epoch(engine, data, run, args)  # Step 2: backward and step
+        test = evaluate(engine, data)  # Step 3: held-out accuracy, summed over ranks
+        row = {"epoch": epoch + 1, **train, **test, "lr": engine.get_lr()[0]}
+        run.record(row)
         run.wall_time_s += time.time() - start
         start = time.time()
-        say(f"epoch {epoch + 1:3d}/{args.epochs} | train loss {row['train_loss']:.4f} acc "
-            f"{row['train_accuracy']:6.2f}% | test loss {test['loss']:.4f} acc "
-            f"{test['accuracy']:6.2f}% | grad norm {row['grad_norm']:.4f} | lr {row['lr']:.3e} | "
-            f"skipped {row['skipped_steps']} | {row['epoch_time_s']:.1f}s "
-            f"{row['images_per_s']:,.0f} img/s" + " | best" * best)
-        save_epoch(engine, run, args, cfg, best)  # every rank: ZeRO saves a shard per rank
-        reason = run.stop_reason(args, engine.global_steps)
-        if reason:
-            say(reason)
+        print_epoch(row, args)
+        save_epoch(engine, run, args, cfg)  # Step 4: save_checkpoint, on every rank
+        if 0 < args.max_steps <= engine.global_steps:
+            say(f"Stopping at --max-steps {args.max_steps}")
             break
     report(run, args, cfg, data.classes)
     return 0
@@ -126,25 +120,23 @@ def parse_args(argv=None):
     add("--synthetic-size", type=int, default=10_000, help="synthetic training images (test: 1/5)")
     add("--data-dir", default="./data", help="where the dataset is read or downloaded")
     add("--output-dir", default=f"runs/{EXAMPLE}", help="checkpoints, model.pt, metrics.json")
-    add("--resume", nargs="?", const="", metavar="DIR", help="continue from DIR's last checkpoint "
-        "(default: --output-dir)")
+    add("--resume", nargs="?", const="", metavar="DIR",
+        help="continue the run in DIR (default: --output-dir) from its last checkpoint")
     add("--overwrite", action="store_true", help="replace the run already in --output-dir")
-    add("--allow-changes", action="store_true", help="--resume with another dataset, data, "
-        "seed or model than the checkpoint's")
+    add("--allow-changes", action="store_true",
+        help="--resume with another dataset, data, seed or model than the checkpoint's")
     add("--seed", type=int, default=42, help="init, data order and synthetic data")
     add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the config's precision")
-    add("--patience", type=int, default=15, help="epochs without a train-loss gain, then stop")
-    add("--min-improvement", type=float, default=1e-5, help="the train-loss gain that counts")
     add("--log-interval", type=int, default=2000, help="steps between [epoch, step] lines")
     add("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
-    args = deepspeed.add_config_arguments(p).parse_args(argv)  # adds --deepspeed_config PATH
+    args = deepspeed.add_config_arguments(p).parse_args(argv)  # --deepspeed, --deepspeed_config
+    # The flags given on the command line: --resume takes the others from the checkpoint.
     unset = object()  # argparse fills in a default only where the namespace has no value
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
     args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
-    for name, low in (("epochs", 1), ("patience", 1), ("log_interval", 1), ("max_steps", 0),
-                      ("min_improvement", 0), ("synthetic_size", 10)):
+    for name, low in (("epochs", 1), ("log_interval", 1), ("max_steps", 0), ("synthetic_size", 10)):
         if getattr(args, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, "
                              f"not {getattr(args, name)}")
@@ -158,322 +150,48 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def read_checkpoint(args, model_class):
-    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
-    again come from it; another dataset, data, seed or model needs --allow-changes."""
-    d = args.resume or args.output_dir
-    folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
-    if not os.path.isfile(f"{folder}/latest"):
-        raise UsageError(f"--resume: no checkpoint in {d} (no {folder}/latest)")
-    with open(f"{folder}/latest") as f:
-        tag = f.read().strip()
-    files = sorted(glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_.*
-    try:  # DeepSpeed's own file: the model, its config and counters, and the RunState
-        state = torch.load(files[0], weights_only=False)
-    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
-        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
-    example = state.get("example") if isinstance(state, dict) else None
-    if example != EXAMPLE:
-        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
-    was = state.get("run", {}).get("identity")
-    if not was and not args.allow_changes:
-        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
-                         "flags (an older script wrote it); --allow-changes resumes it as told")
-    if was:
-        take_flags(args, was["args"])
-        now = identity(args, model_class)
-        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
-                   if was[k] != now[k]]
-        if changed and not args.allow_changes:
-            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
-                             "(checkpoint -> this command); leave such flags out to continue "
-                             "it, or add --allow-changes if the change is meant")
-    if state.get("run", {}).get("epoch", 0) >= args.epochs:
-        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
-                         "--epochs to train on")
-    return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
-
-
-def take_flags(args, given):
-    """The flags the checkpoint's run was given, where this command does not give them again;
-    where to write, when to stop early and what to resume are this command's own."""
-    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
-    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
-    vars(args).update(taken)
-    args.given.update(taken)
-    if taken:
-        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
-
-
-def identity(args, model_class):
-    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
-    seed or model, and takes the flags ("args") the user gave where they are not given again."""
-    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
-            "model": model_class.__name__, "args": args.given}
-
-
-def data_fingerprint(args):
-    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
-    from the start, middle and end of 256 of them at most. Generated data: --seed and its size."""
-    if args.dataset == "synthetic":
-        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
-    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
-                   if not f.startswith("."))  # not the decoded-image caches
-    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
-    digest = hashlib.sha256(repr(listing).encode())
-    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
-        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
-            for at in (0, size // 2, max(0, size - 4096)):
-                f.seek(at)
-                digest.update(f.read(4096))
-    return f"{len(files)} files, {digest.hexdigest()[:12]}"
-
-
-def load_config(args, world, on_cpu):
-    """Read and check the DeepSpeed JSON before anything slow starts: it owns batch size,
-    precision, optimizer, scheduler and ZeRO. Returns (config, precision name)."""
-    try:
-        with open(args.deepspeed_config) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
-        raise UsageError(f"DeepSpeed config {what}: {args.deepspeed_config} ({first_line(e)})"
-                         ) from None
-    check_config(cfg, args.deepspeed_config, world)
-    # Precision: --dtype, else the config's fp16 or bf16 section, else fp32.
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = next((k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")), "fp32")
-    if dtype == "fp16" and on_cpu:
-        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
-        dtype = "fp32"
-    sections = {"fp16": cfg.pop("fp16", {}), "bf16": cfg.pop("bf16", {})}
-    if dtype != "fp32":
-        cfg[dtype] = {**sections[dtype], "enabled": True}
-    if dtype == "bf16":  # without it DeepSpeed's bf16 applies a step with non-finite gradients
-        cfg["bf16"]["check_grad_overflow"] = True
-    refuse_fp16_without_zero(cfg, args.deepspeed_config)
-    cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
-    return cfg, dtype
-
-
-def check_config(cfg, path, world):
-    """What DeepSpeed would reject late, vaguely or not at all; each message names the key, the
-    value and what is allowed."""
-    def need(ok, key, value, allowed):
-        if not ok:
-            raise UsageError(f"{path}: {key} = {json.dumps(value)}: allowed: {allowed}")
-
-    def num(v):
-        return type(v) in (int, float)  # not bool
-
-    need(isinstance(cfg, dict), "the file", "...", "one JSON object {...}")
-    for key in ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast"):
-        need(isinstance(cfg.get(key, {}), dict), key, cfg.get(key), "a JSON object {...}")
-    cfg.setdefault("gradient_accumulation_steps", 1)
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        need(type(cfg.get(key)) is int and cfg[key] > 0, key, cfg.get(key), "a positive integer")
-    batch = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
-    need(cfg.get("train_batch_size", batch) == batch, "train_batch_size",
-         cfg.get("train_batch_size"), f"micro batch x accumulation x {world} ranks = {batch}; "
-         "leave it out to fit any GPU count")
-    kind = cfg.get("optimizer", {}).get("type")
-    need(hasattr(torch.optim, str(kind)) or str(kind).lower() in deepspeed.runtime.config.
-         DEEPSPEED_OPTIMIZERS, "optimizer.type", kind, "an optimizer such as Adam, AdamW or SGD")
-    for key, v in cfg["optimizer"].get("params", {}).items():
-        need(isinstance(v, bool) or num(v) and (v > 0 or key != "lr") or isinstance(v, list) and
-             all(map(num, v)), f"optimizer.params.{key}", v, "a number (lr > 0)")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    need(stage in (0, 1, 2, 3) and type(stage) is int, "zero_optimization.stage", stage,
-         "0, 1, 2 or 3")
-    clip = cfg.get("gradient_clipping", 0)
-    need(num(clip) and clip >= 0, "gradient_clipping", clip, "a number >= 0 (0: off)")
-    need(not (cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled")),
-         "fp16.enabled and bf16.enabled", True, "one of them at most")
-    need(not cfg.get("torch_autocast", {}).get("enabled"), "torch_autocast.enabled", True,
-         "false; this script uses DeepSpeed's bf16 or fp16 section (or --dtype) instead")
-    check_constructor_params(cfg, path)
-
-
-def check_constructor_params(cfg, path):
-    """A key that the optimizer's or scheduler's constructor does not take fails deep inside
-    deepspeed.initialize: refuse it by name, from the signature of the class DeepSpeed builds."""
-    from deepspeed.ops.adam import FusedAdam
-    from deepspeed.runtime import lr_schedules
-
-    kind = str(cfg["optimizer"].get("type"))
-    name = cfg.get("scheduler", {}).get("type")
-    ours = kind.lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS  # not torch.optim's
-    builds = {"optimizer": None if ours else getattr(torch.optim, kind)}
-    if kind.lower() in ("adam", "adamw"):  # torch's Adam(W) with "torch_adam", else FusedAdam
-        torch_adam = cfg["optimizer"].get("params", {}).get("torch_adam")
-        builds["optimizer"] = torch.optim.Adam if torch_adam else FusedAdam
-    if name is not None:
-        builds["scheduler"] = getattr(lr_schedules if name in lr_schedules.VALID_LR_SCHEDULES
-                                      else torch.optim.lr_scheduler, str(name), None)
-        if not inspect.isclass(builds["scheduler"]):
-            raise UsageError(f"{path}: scheduler.type = {json.dumps(name)}: allowed: "
-                             f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or one of torch's")
-    for section, cls in builds.items():
-        takes = list(inspect.signature(cls).parameters)[1:] if cls else []  # after params
-        unknown = set(cfg[section].get("params", {})) - set(takes) - {"torch_adam", "adam_w_mode"}
-        if cls and unknown:
-            raise UsageError(f"{path}: {section}.params.{min(unknown)}: {cls.__name__} takes no "
-                             f"such parameter; it takes {', '.join(takes)}")
-
-
-def check_output_dir(args):
-    """Never replace a run silently, and check that --output-dir can be written before anything
-    slow starts. Rank 0 claims the directory first, so that two runs cannot both pass; --overwrite
-    sets the old run aside in .replaced/ (settle_set_aside). A run that wrote nothing leaves
-    nothing behind (release_output_dir)."""
-    out = args.output_dir
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-        raise UsageError(f"cannot write to --output-dir {out}: {parent} is no writable directory")
-    rank0 = os.environ.get("RANK", "0") == "0"
-    if rank0:
-        claim_output_dir(out)
-        settle_set_aside(out)  # a run killed while it replaced this one
-    held = [f for f in ("metrics.json", "model.pt", "checkpoints") if os.path.exists(f"{out}/{f}")]
-    same = args.resume is not None and os.path.realpath(args.resume or out) in (
-        os.path.realpath(out), os.path.realpath(f"{out}/checkpoints"))
-    if held and not (args.overwrite or same):
-        raise UsageError(f"--output-dir {out} already holds a run ({', '.join(held)}).\nAdd "
-                         "--resume to continue it, --overwrite to replace it, or choose another")
-    old = [f for f in RUN_FILES if os.path.exists(f"{out}/{f}")]  # monitor/: csv rows would append
-    if old and args.overwrite and rank0:  # gathered, then renamed: a kill -9 never splits them
-        os.mkdir(f"{out}/.moving")
-        for f in old:
-            os.rename(f"{out}/{f}", f"{out}/.moving/{f}")
-        os.rename(f"{out}/.moving", f"{out}/.replaced")
-
-
-def claim_output_dir(out):
-    """Hold --output-dir while this run runs: an flock on a file in it, which the kernel drops
-    however the process ends, kill -9 included. A second run is refused, naming the holder."""
-    made = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(f"{out}/.lock", os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        time.sleep(0.1)  # the holder writes its pid just after it locks
-        holder = os.pread(fd, 200, 0).decode()
-        os.close(fd)
-        raise UsageError(f"--output-dir {out} is in use by another run ({holder}); wait for it "
-                         "to end, or choose another --output-dir") from None
-    if os.fstat(fd).st_nlink == 0:  # its last holder removed it as we opened it: a new one
-        os.close(fd)
-        return claim_output_dir(out)
-    holder = f"pid {os.getpid()} on {socket.gethostname()}".encode()
-    os.pwrite(fd, holder, 0)
-    os.ftruncate(fd, len(holder))
-    OWNED.update(fd=fd, made=made)
-
-
-def settle_set_aside(out):
-    """Finish what --overwrite began: the old run in .replaced/ goes once the new run has saved a
-    checkpoint, else it is put back (the new run failed or was killed before its first). What
-    .moving/ holds is on its way, with nothing of the new run in its place."""
-    if os.path.isdir(f"{out}/.replaced") and os.path.isfile(f"{out}/checkpoints/latest"):
-        shutil.rmtree(f"{out}/.replaced")
-    elif os.path.isdir(f"{out}/.replaced"):
-        for new in (f"{out}/{f}" for f in RUN_FILES):  # the failed run's
-            if os.path.isdir(new):
-                shutil.rmtree(new)
-            elif os.path.exists(new):
-                os.remove(new)
-        os.rename(f"{out}/.replaced", f"{out}/.moving")
-    if os.path.isdir(f"{out}/.moving"):
-        for f in os.listdir(f"{out}/.moving"):
-            os.rename(f"{out}/.moving/{f}", f"{out}/{f}")
-        os.rmdir(f"{out}/.moving")
-        say(f"notice: {out}: the run that --overwrite was replacing is back (the new run saved no "
-            "checkpoint)")
-
-
-def release_output_dir(args):
-    """Rank 0, at the end of every run: settle --overwrite's old run, then give the directory up
-    (the file goes first, so that a run waiting on it takes a new one) and remove it if this run
-    made it and left it empty."""
-    if "fd" not in OWNED:
-        return
-    settle_set_aside(args.output_dir)
-    os.remove(f"{args.output_dir}/.lock")
-    os.close(OWNED.pop("fd"))
-    if OWNED.pop("made"):
-        with contextlib.suppress(OSError):  # not empty
-            os.rmdir(args.output_dir)
-
-
-def fit_to_checkpoint(cfg, ckpt, world):
-    """What changes where the checkpoint's run goes on under another config or rank count."""
-    old = ckpt.state["ds_config"]
-    stage = old.get("zero_optimization", {}).get("stage", 0)
-    ranks = ckpt.state["dp_world_size"]
-    # Under ZeRO each rank holds its part of the optimizer state: it resumes on as many ranks.
-    if stage > 0 and ranks != world:
-        kind = old["optimizer"]["type"]
-        raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {kind} under ZeRO stage {stage} "
-                         f"on {ranks} ranks; resume on {ranks} ranks (02_cifar10 converts an "
-                         "Adam/AdamW one for another count with DeepSpeed's ds_to_universal)")
-    was = [old["train_micro_batch_size_per_gpu"], old.get("gradient_accumulation_steps", 1), ranks]
-    now = [cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], world]
-    if now != was:
-        say(f"notice: the checkpoint's micro batch x accumulation x ranks was "
-            f"{' x '.join(map(str, was))}, this run's is {' x '.join(map(str, now))}: the global "
-            f"batch goes from {math.prod(was)} to {math.prod(now)}")
+def check_inputs(args):
+    """What the user gave, checked before anything slow starts: (config, precision, checkpoint).
+    The checkpoint comes first: flags not given again come from it."""
+    ckpt = None
+    if args.resume is not None:
+        ckpt = read_checkpoint(args, Net)
+    cfg, dtype = load_config(args, get_accelerator().device_name() == "cpu")
+    check_output_dir(args)
+    return cfg, dtype, ckpt
 
 
 def setup_distributed():
-    """(rank, world size, device). Under plain `python` it first sets what a launcher would."""
+    """The process group; returns this rank's device. Without a launcher (plain `python`) it
+    first sets the environment a launcher would set for one process."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    accel, local_rank = get_accelerator(), int(os.environ["LOCAL_RANK"])
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
-    return dist.get_rank(), dist.get_world_size(), device
+            s.bind(("127.0.0.1", 0))  # a free port
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
 
 
-@functools.cache  # one watcher per process, however many runs it holds
-def watch_launcher():
-    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
-    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
-    run (a dying process's children get another parent), else stops as on SIGTERM."""
-    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
-        return
-    links = [(os.getpid(), parent_pid(os.getpid()))]
-    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
-        if b"deepspeed.launcher.launch" in f.read():
-            links.append((links[0][1], parent_pid(links[0][1])))
-
-    def watch():
-        while all(parent_pid(pid) == parent for pid, parent in links):
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True).start()
+def check_with_deepspeed(cfg, path):
+    """DeepSpeed's own check of the config (batch sizes for this world size, ZeRO, precision),
+    its message in one line naming the file. Returns the checked config."""
+    try:
+        return DeepSpeedConfig(cfg)
+    except Exception as e:  # noqa: BLE001 - an AssertionError, pydantic's ValidationError, ...
+        message = " ".join(str(e).split())[:300]  # pydantic's spans several lines
+        raise UsageError(f"{path}: {type(e).__name__}: {message}") from None
 
 
-def parent_pid(pid):
-    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
-
-
-def load_data(args, cfg, world, device, dtype):
+def load_data(args, checked, device, dtype):
     """Training and test sets of normalized 3x32x32 images. The training set goes to
-    deepspeed.initialize, which builds its loader; the test set is read by every rank in turn."""
-    say(f"Loading    : {args.dataset}" + f" from {args.data_dir}" * (args.dataset != "synthetic"))
+    deepspeed.initialize, which builds its loader; every rank reads its share of the test set."""
     if args.dataset == "synthetic":
         sets = [synthetic(args.synthetic_size, args.seed, 1),
                 synthetic(max(10, args.synthetic_size // 5), args.seed, 2)]
@@ -481,19 +199,32 @@ def load_data(args, cfg, world, device, dtype):
     elif args.dataset == "cifar10":
         sets, classes = rank0_first(lambda: load_cifar10(args.data_dir), device)
     else:
-        sets, classes = rank0_first(lambda: load_imagefolder(args.data_dir), device)
+        sets, classes = load_imagefolder(args.data_dir)
     # DeepSpeed's DistributedSampler pads each rank's shard to ceil(n / world) images; its loader
     # keeps a last, smaller micro-batch. An epoch takes whole gradient-accumulation windows.
-    micro = cfg["train_micro_batch_size_per_gpu"]
-    gas = cfg["gradient_accumulation_steps"]
+    world = dist.get_world_size()
+    micro = checked.train_micro_batch_size_per_gpu
+    accumulation = checked.gradient_accumulation_steps
     batches = math.ceil(math.ceil(len(sets[0]) / world) / micro)
-    if batches < gas:
-        raise UsageError(f"{len(sets[0])} images cannot fill a step of {micro} x {gas} x {world}")
-    # The test set: each rank its share, padded like the training shards so that every rank runs
-    # as many forward passes (ZeRO-3 gathers weights in each); evaluate() leaves the pads out.
+    if batches < accumulation:
+        raise UsageError(f"{len(sets[0])} images cannot fill one step of {micro} images x "
+                         f"{accumulation} accumulation steps x {world} ranks")
+    # Each rank its share of the test set, padded to one length so that every rank runs as many
+    # forward passes (ZeRO-3 gathers weights in each); evaluate() leaves the pads out.
     test = DataLoader(sets[1], TEST_BATCH, sampler=DistributedSampler(sets[1], shuffle=False))
     return SimpleNamespace(trainset=sets[0], test=test, classes=classes, device=device,
-                           dtype=dtype, micro_batches=batches // gas * gas, loader=None)
+                           dtype=dtype, micro_batches=batches // accumulation * accumulation)
+
+
+def synthetic(n, seed, split):
+    """n normalized images in 10 classes: a smooth random pattern per class (from seed) buried in
+    noise of twice its scale. Learnable, offline; not CIFAR-10."""
+    patterns = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    patterns = F.interpolate(patterns, 32, mode="bilinear")  # [10, 3, 32, 32]
+    g = torch.Generator().manual_seed(seed * 1000 + split)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = patterns[labels] + 2 * torch.randn(n, 3, 32, 32, generator=g)
+    return TensorDataset(images.clamp(-3, 3) / 3, labels)  # in [-1, 1] like the real ones
 
 
 def rank0_first(load, device):
@@ -511,17 +242,6 @@ def rank0_first(load, device):
     return result if dist.get_rank() == 0 else load()
 
 
-def synthetic(n, seed, split):
-    """n normalized images in 10 classes: a smooth random pattern per class (from seed) buried in
-    noise of twice its scale. Learnable, offline; not CIFAR-10."""
-    patterns = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-    patterns = F.interpolate(patterns, 32, mode="bilinear")  # [10, 3, 32, 32]
-    g = torch.Generator().manual_seed(seed * 1000 + split)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = patterns[labels] + 2 * torch.randn(n, 3, 32, 32, generator=g)
-    return TensorDataset(images.clamp(-3, 3) / 3, labels)  # in [-1, 1] like the real ones
-
-
 def load_cifar10(data_dir):
     """torchvision's CIFAR-10 (it checks the files' md5 sums; it downloads them if missing)."""
     try:
@@ -537,19 +257,14 @@ def load_cifar10(data_dir):
 
 def load_imagefolder(root):
     """torchvision's ImageFolder of root/train and root/test, with the same class folders (sorted,
-    they give the labels). Every image is opened once here: a broken one stops the run by name
-    before training, not a data-loader worker in the middle of it."""
-    expected = f"(expected {root}/{{train,test}}/<class>/<image>)"
+    they give the labels). Every image is opened once here, so that a broken one stops the run by
+    name before training, not a loader worker in the middle of it."""
     try:
-        sets = [datasets.ImageFolder(os.path.join(root, split), TRANSFORM, allow_empty=True)
+        sets = [datasets.ImageFolder(os.path.join(root, split), TRANSFORM)
                 for split in ("train", "test")]
-    except OSError:  # no such folder, or no class folders in it
-        raise UsageError(f"--dataset imagefolder: no images in {root} {expected}") from None
-    for split, ds in zip(("train", "test"), sets):
-        empty = [c for c in ds.classes if ds.class_to_idx[c] not in set(ds.targets)]
-        if empty:
-            raise UsageError(f"--dataset imagefolder: no images in "
-                             f"{os.path.join(root, split, empty[0])} {expected}")
+    except OSError as e:  # torchvision's: no folder, no class folders, a class without images
+        raise UsageError(f"--dataset imagefolder: no images: {first_line(e)[:160]} (expected "
+                         f"{root}/{{train,test}}/<class>/<image>)") from None
     if sets[0].classes != sets[1].classes:
         raise UsageError("--dataset imagefolder: class folders differ between train/ "
                          f"({', '.join(sets[0].classes)}) and test/ ({', '.join(sets[1].classes)})")
@@ -584,7 +299,7 @@ class Net(nn.Module):
 
     classes = CLASSES  # its outputs' names, carried in model.pt; main() sets the dataset's
 
-    def get_extra_state(self):  # a tensor: DeepSpeed's ds_to_universal takes nothing else
+    def get_extra_state(self):  # a tensor, so that model.pt loads with weights_only=True
         return torch.tensor(list(json.dumps(list(self.classes)).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state):
@@ -594,36 +309,23 @@ class Net(nn.Module):
 @dataclass
 class RunState:
     """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
-    on as if the run had never stopped (the data order follows seed and epoch)."""
+    on as if the run had never stopped (the data order follows --seed and the epoch)."""
     epoch: int = 0  # epochs completed
-    best_accuracy: float = -1.0  # the best epoch's accuracy (model.pt is the last epoch)
+    best_accuracy: float = -1.0  # the best epoch's test accuracy in % (its checkpoint is kept)
     best_epoch: int = 0
-    best_loss: float = math.inf  # lowest epoch train loss, for early stopping
-    patience_used: int = 0  # epochs since the train loss last gained --min-improvement
-    skipped_steps: int = 0  # non-finite steps skipped so far
+    skipped_steps: int = 0  # non-finite steps DeepSpeed skipped so far
     history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
     wall_time_s: float = 0.0
-    rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
+    rng: dict = field(default_factory=dict)  # torch's random states
     identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
 
-    def record(self, row, accuracy, args):
-        """Add an epoch's row; True if `accuracy` is the best so far."""
+    def record(self, row):
         self.history.append(row)
-        self.epoch, self.skipped_steps = row["epoch"], self.skipped_steps + row["skipped_steps"]
-        gained = row["train_loss"] < self.best_loss - args.min_improvement
-        self.patience_used = 0 if gained else self.patience_used + 1
-        self.best_loss = min(self.best_loss, row["train_loss"])
-        if accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = accuracy, self.epoch
-        return self.best_epoch == self.epoch
-
-    def stop_reason(self, args, steps):
-        """Why training ends before its last epoch, or None; from global numbers: on every rank."""
-        if 0 < args.max_steps <= steps:
-            return f"Stopping at --max-steps {args.max_steps}"
-        if self.patience_used >= args.patience and self.epoch < args.epochs:
-            return f"Early stopping: no train-loss gain for {args.patience} epochs"
-        return None
+        self.epoch = row["epoch"]
+        self.skipped_steps += row["skipped_steps"]
+        if row["test_accuracy"] > self.best_accuracy:
+            self.best_accuracy = row["test_accuracy"]
+            self.best_epoch = self.epoch
 
 
 def restore(engine, ckpt):
@@ -636,27 +338,23 @@ def restore(engine, ckpt):
     run = RunState(**ckpt.state["run"])
     torch.set_rng_state(run.rng["cpu"])
     get_accelerator().set_rng_state(run.rng["device"])
-    say(f"Resumed    : {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
+    say(f"Resumed {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
     return run
 
 
-def print_banner(args, cfg, dtype, engine, data, model):
+def print_banner(args, dtype, engine, data, model):
     """What this run is, with the sizes derived for this world size."""
     world = dist.get_world_size()
     steps = data.micro_batches // engine.gradient_accumulation_steps()
-    sched = cfg.get("scheduler", {})
-    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
-        f"Dataset    : {args.dataset}, {len(data.trainset):,} train / "
-        f"{len(data.test.dataset):,} test images, {len(data.classes)} classes",
-        f"Model      : Net, {sum(p.numel() for p in model.parameters()):,} parameters",
-        f"Precision  : {dtype} | ZeRO stage {engine.zero_optimization_stage()} | gradient "
-        f"clipping {engine.gradient_clipping():g} | {engine.device.type} x {world}",
-        f"Batch      : {engine.train_micro_batch_size_per_gpu()} per rank x "
+    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}",
+        f"Data   : {args.dataset}, {len(data.trainset):,} train / {len(data.test.dataset):,} test "
+        f"images, {len(data.classes)} classes",
+        f"Model  : Net, {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
+        f"ZeRO stage {engine.zero_optimization_stage()}, {engine.device.type} x {world}",
+        f"Batch  : {engine.train_micro_batch_size_per_gpu()} per rank x "
         f"{engine.gradient_accumulation_steps()} accumulation x {world} ranks = "
-        f"{engine.train_batch_size()} global; {steps} steps/epoch, {steps * args.epochs} in all",
-        f"Schedule   : {cfg['optimizer']['type']} lr {cfg['optimizer']['params']['lr']}, "
-        f"{sched.get('type', 'constant')} {json.dumps(sched.get('params', {}))}",
-        f"Output     : {os.path.abspath(args.output_dir)}", "-" * 80)
+        f"{engine.train_batch_size()}; {steps} steps/epoch, {steps * args.epochs} in all",
+        f"Output : {os.path.abspath(args.output_dir)}", "=" * 80)
 
 
 def train_one_epoch(engine, data, run, args):
@@ -664,22 +362,22 @@ def train_one_epoch(engine, data, run, args):
     device, and read (summed over ranks) only for a log line and at the epoch's end."""
     start = time.time()
     window = torch.zeros(5, device=data.device)  # loss x images, hits, norm, images, steps
-    line = torch.zeros(5, device=data.device)  # the same since the last log line
-    total = torch.zeros(5, device=data.device)  # and in the whole epoch
+    line = torch.zeros(5, device=data.device)  # applied windows since the last log line
+    total = torch.zeros(5, device=data.device)  # applied windows of the whole epoch
     steps = 0  # optimizer steps applied in this epoch
-    skipped = 0
+    skipped = 0  # steps DeepSpeed skipped (fp16, bf16) for non-finite gradients
     for x, y in train_batches(data, run.epoch):
         logits = engine(x).float()  # fp32 logits for the loss, whatever the precision
         loss = F.cross_entropy(logits, y)
         boundary = engine.is_gradient_accumulation_boundary()  # before step() counts this one
-        engine.backward(loss)  # averaged over ranks; divided by the accumulation steps
+        engine.backward(loss)  # gradients averaged over ranks, divided by the accumulation steps
         window[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
         window[3] += len(y)
         if not boundary:
             engine.step()  # no update yet: DeepSpeed accumulates the gradients
             continue
         norm = optimizer_step(engine)
-        if norm is None:  # DeepSpeed skipped the step (fp16/bf16), the same on every rank
+        if norm is None:  # the same on every rank: DeepSpeed decides on reduced gradients
             skipped += 1
         else:
             window[2] += norm
@@ -712,8 +410,8 @@ def train_batches(data, epoch):
 
 
 def optimizer_step(engine):
-    """The update that ends an accumulation window: the global gradient norm, or None where
-    DeepSpeed skipped the step for non-finite gradients (fp16, bf16: on every rank alike)."""
+    """engine.step() at the end of an accumulation window: the update, the LR schedule's step and
+    zeroed gradients. Returns the global gradient norm, or None where DeepSpeed skipped it."""
     norm = None
     if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
@@ -722,7 +420,9 @@ def optimizer_step(engine):
     engine.step()
     if engine.skipped_steps != skipped:
         return None
-    return engine.get_global_grad_norm() if norm is None else norm
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    return norm
 
 
 def global_means(sums, run):
@@ -733,7 +433,10 @@ def global_means(sums, run):
     dist.all_reduce(total)
     loss, hits, norm, images, steps = total.tolist()
     if not math.isfinite(loss) or steps == 0:
-        raise TrainingDiverged(f"non-finite loss or gradients in epoch {run.epoch + 1}")
+        raise TrainingDiverged(
+            f"training diverged: non-finite loss or gradients in epoch {run.epoch + 1}; DeepSpeed "
+            "skips such steps only in fp16/bf16.\n  check: the data for NaN/Inf, a lower "
+            "learning rate, gradient_clipping > 0, --dtype bf16")
     return loss / images, 100 * hits / images, norm / steps, int(images)
 
 
@@ -755,10 +458,18 @@ def evaluate(engine, data):
     dist.all_reduce(sums)
     engine.train()
     loss, hits, images = sums.tolist()
-    return {"loss": loss / images, "accuracy": 100 * hits / images, "images": int(images)}
+    return {"test_loss": loss / images, "test_accuracy": 100 * hits / images,
+            "test_images": int(images)}
 
 
-def save_epoch(engine, run, args, cfg, best):
+def print_epoch(row, args):
+    say(f"epoch {row['epoch']:3d}/{args.epochs} | train loss {row['train_loss']:.4f} acc "
+        f"{row['train_accuracy']:6.2f}% | test loss {row['test_loss']:.4f} acc "
+        f"{row['test_accuracy']:6.2f}% | grad norm {row['grad_norm']:.4f} | lr {row['lr']:.3e} "
+        f"| skipped {row['skipped_steps']} | {row['images_per_s']:,.0f} img/s")
+
+
+def save_epoch(engine, run, args, cfg):
     """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank) and the plain weights.
     Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save leaves the previous
     checkpoint in force) and metrics.json; only the latest and best epochs are kept."""
@@ -796,21 +507,6 @@ def plain_weights(engine):
     return {**state, **{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}}
 
 
-def atomic_write(path, write):
-    """write(tmp), then rename tmp to `path`: a crash never leaves a half-written file there."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        raise UsageError(f"cannot write {path}: {first_line(e)} (disk full? free some space or "
-                         "choose another --output-dir)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_metrics(args, cfg, run, final=None):
     doc = {"example": EXAMPLE, "world_size": dist.get_world_size(), "config": cfg,
            "epochs": run.history, "final": final,
@@ -825,21 +521,22 @@ def report(run, args, cfg, classes):
     final = {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
              "best_test_accuracy": run.best_accuracy, "best_epoch": run.best_epoch,
              "quality": tier, "epochs_completed": run.epoch,
-             "stopped_early": run.epoch < args.epochs and run.patience_used >= args.patience,
+             "stopped_early": run.epoch < args.epochs,  # by --max-steps
              "skipped_steps": run.skipped_steps, "wall_time_s": run.wall_time_s,
              "classes": classes}
     if dist.get_rank() != 0:
         return
     write_metrics(args, cfg, run, final)
-    plotted = plot_curves(run.history, f"{args.output_dir}/curves.png")
+    saved = "model.pt, metrics.json, curves.png"
+    if not plot_curves(run.history, f"{args.output_dir}/curves.png"):
+        saved = "model.pt, metrics.json (pip install matplotlib for curves.png)"
     say("=" * 80, f"Training finished: {run.epoch} epochs, {run.wall_time_s:.1f}s wall",
         f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
         f"  train accuracy {last['train_accuracy']:.2f}%",
         f"  test accuracy  {last['test_accuracy']:.2f}% (best {run.best_accuracy:.2f}% in epoch "
         f"{run.best_epoch})",
         f"Quality (held-out test accuracy): {tier}: {meaning}",
-        f"Saved: {args.output_dir}/model.pt, metrics.json"
-        + (", curves.png" if plotted else " (pip install matplotlib for curves.png)"))
+        f"Saved: {args.output_dir}/{saved}")
 
 
 def quality(accuracy):
@@ -873,22 +570,224 @@ def plot_curves(history, path):
     return True
 
 
-def say(*lines):
-    """Print on global rank 0 only (the launcher's RANK; plain `python` is rank 0)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(*lines, sep="\n", flush=True)
+# ======================================== plumbing: inputs, --resume, --output-dir, stopping
+def read_checkpoint(args, model_class):
+    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
+    again come from it; another dataset, data, seed or model needs --allow-changes."""
+    folder = f"{args.resume or args.output_dir}/checkpoints"
+    if not os.path.isfile(f"{folder}/latest"):
+        raise UsageError(f"--resume: no checkpoint in {folder} (no `latest` file)")
+    with open(f"{folder}/latest") as f:
+        tag = f.read().strip()
+    files = glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt")  # ZeRO-3: zero_pp_rank_0_...
+    try:  # DeepSpeed's own file: its config and counters, and our client_state
+        state = torch.load(files[0], weights_only=False)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
+        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
+    if not isinstance(state, dict) or state.get("example") != EXAMPLE:
+        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE}")
+    was = state["run"].get("identity")
+    if not was and not args.allow_changes:
+        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
+                         "flags (an older script wrote it); --allow-changes resumes it as told")
+    if was:
+        take_flags(args, was["args"])
+        now = identity(args, model_class)
+        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
+                   if was[k] != now[k]]
+        if changed and not args.allow_changes:
+            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
+                             "(checkpoint -> this command); leave such flags out to continue "
+                             "it, or add --allow-changes if the change is meant")
+    if state["run"]["epoch"] >= args.epochs:
+        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
+                         "--epochs to train on")
+    # Under ZeRO each rank holds its part of the optimizer state: it resumes on as many ranks.
+    stage = state["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    ranks = state["dp_world_size"]
+    if stage > 0 and ranks != int(os.environ.get("WORLD_SIZE", 1)):
+        kind = state["ds_config"]["optimizer"]["type"]
+        raise UsageError(f"--resume: {folder}/{tag} is {kind} under ZeRO stage {stage} on {ranks} "
+                         f"ranks: resume on {ranks} ranks (02_cifar10 converts an Adam/AdamW one "
+                         "for another count with ds_to_universal)")
+    return SimpleNamespace(folder=folder, tag=tag, state=state)
 
 
-def first_line(e):
-    """One line about any exception, also one with an empty message."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+def take_flags(args, given):
+    """The flags the checkpoint's run was given, where this command does not give them again;
+    where to write, when to stop and what to resume are this command's own."""
+    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
+    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
+    vars(args).update(taken)
+    args.given.update(taken)
+    if taken:
+        say("Flags from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
+
+
+def identity(args, model_class):
+    """What makes a run this run, saved in its checkpoints: the dataset and a fingerprint of its
+    files, the seed, the model, and the flags the user gave ("args")."""
+    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
+            "model": model_class.__name__, "args": args.given}
+
+
+def data_fingerprint(args):
+    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
+    from the start, middle and end of 256 of them at most. Generated data: its size."""
+    if args.dataset == "synthetic":
+        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
+    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
+    digest = hashlib.sha256(repr(listing).encode())
+    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
+        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
+            for at in (0, size // 2, max(0, size - 4096)):
+                f.seek(at)
+                digest.update(f.read(4096))
+    return f"{len(files)} files, {digest.hexdigest()[:12]}"
+
+
+def load_config(args, on_cpu):
+    """The DeepSpeed JSON, which owns batch size, precision, optimizer, scheduler and ZeRO, set to
+    the precision this run trains in: (config, "fp32" | "fp16" | "bf16")."""
+    cfg = read_config(args.deepspeed_config)
+    dtype = choose_precision(cfg, args.dtype, on_cpu, args.deepspeed_config)
+    refuse_fp16_without_zero(cfg, args.deepspeed_config)
+    cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
+    return cfg, dtype
+
+
+def read_config(path):
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
+        raise UsageError(f"DeepSpeed config {what}: {path} ({first_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"DeepSpeed config {path}: not a JSON object {{...}}")
+    if not isinstance(cfg.get("optimizer"), dict):  # else DeepSpeed fails at the first backward
+        raise UsageError(f"{path}: optimizer = {json.dumps(cfg.get('optimizer'))}: the engine "
+                         "builds its optimizer from this JSON object {\"type\", \"params\"}")
+    return cfg
+
+
+def choose_precision(cfg, dtype, on_cpu, path):
+    """--dtype, else the config's fp16 or bf16 section, else fp32; the config is made to say so."""
+    enabled = [k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")]
+    if len(enabled) > 1:
+        raise UsageError(f"{path}: fp16.enabled and bf16.enabled: enable one of them at most")
+    if dtype == "auto":
+        dtype = enabled[0] if enabled else "fp32"
+    if dtype == "fp16" and on_cpu:
+        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
+        dtype = "fp32"
+    sections = {"fp16": cfg.pop("fp16", {}), "bf16": cfg.pop("bf16", {})}
+    if dtype != "fp32":
+        cfg[dtype] = {**sections[dtype], "enabled": True}
+    if dtype == "bf16":  # without it DeepSpeed's bf16 applies a step with non-finite gradients
+        cfg["bf16"]["check_grad_overflow"] = True
+    return dtype
+
+
+def check_output_dir(args):
+    """Never replace a run silently. Rank 0 holds --output-dir first, so that two runs cannot both
+    pass; --overwrite sets the old run aside in .replaced/ until the new one has a checkpoint."""
+    out = args.output_dir
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        claim_output_dir(out)
+        settle_set_aside(out)  # a run killed while it replaced this one
+    held = [f for f in RUN_FILES if os.path.exists(f"{out}/{f}")]
+    here = os.path.realpath(out)
+    resuming_it = args.resume is not None and os.path.realpath(args.resume or out) == here
+    if held and not (args.overwrite or resuming_it):
+        raise UsageError(f"--output-dir {out} already holds a run ({', '.join(held)}).\nAdd "
+                         "--resume to continue it, --overwrite to replace it, or choose another")
+    if held and args.overwrite and rank0:  # gathered, then renamed: a kill -9 never splits them
+        os.mkdir(f"{out}/.moving")
+        for f in held:
+            os.rename(f"{out}/{f}", f"{out}/.moving/{f}")
+        os.rename(f"{out}/.moving", f"{out}/.replaced")
+
+
+def claim_output_dir(out):
+    """Hold --output-dir while this run runs: an flock on a file in it, which the kernel drops
+    however the process ends, kill -9 included. A second run is refused, naming the holder."""
+    made = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(f"{out}/.lock", os.O_RDWR | os.O_CREAT)
+    except OSError as e:  # under a file, no permission, a read-only disk
+        raise UsageError(f"cannot write to --output-dir {out}: {first_line(e)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        time.sleep(0.1)  # the holder writes its pid just after it locks
+        holder = os.pread(fd, 200, 0).decode()
+        os.close(fd)
+        raise UsageError(f"--output-dir {out} is in use by another run ({holder}); wait for it "
+                         "to end, or choose another --output-dir") from None
+    if os.fstat(fd).st_nlink == 0:  # its last holder removed it as we opened it: a new one
+        os.close(fd)
+        return claim_output_dir(out)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    OWNED.update(fd=fd, made=made)
+
+
+def settle_set_aside(out):
+    """Finish what --overwrite began: the old run in .replaced/ goes once the new run has saved a
+    checkpoint, else it comes back (the new run failed first); so does one left in .moving/."""
+    if os.path.isdir(f"{out}/.replaced") and os.path.isfile(f"{out}/checkpoints/latest"):
+        shutil.rmtree(f"{out}/.replaced")
+    elif os.path.isdir(f"{out}/.replaced"):
+        for new in (f"{out}/{f}" for f in RUN_FILES):  # the failed run's
+            if os.path.isdir(new):
+                shutil.rmtree(new)
+            elif os.path.exists(new):
+                os.remove(new)
+        os.rename(f"{out}/.replaced", f"{out}/.moving")
+    if os.path.isdir(f"{out}/.moving"):
+        for f in os.listdir(f"{out}/.moving"):
+            os.rename(f"{out}/.moving/{f}", f"{out}/{f}")
+        os.rmdir(f"{out}/.moving")
+        say(f"notice: {out}: the run that --overwrite was replacing is back (the new run saved no "
+            "checkpoint)")
+
+
+def release_output_dir(args):
+    """Rank 0, at the end of every run: settle --overwrite's old run, give the directory up (the
+    lock file goes first) and remove it if this run made it and left it empty."""
+    if "fd" not in OWNED:
+        return
+    settle_set_aside(args.output_dir)
+    os.remove(f"{args.output_dir}/.lock")
+    os.close(OWNED.pop("fd"))
+    if OWNED.pop("made"):
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(args.output_dir)
+
+
+def atomic_write(path, write):
+    """write(tmp), then rename tmp to `path`: a crash never leaves a half-written file there."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise UsageError(f"cannot write {path}: {first_line(e)} (disk full? free some space or "
+                         "choose another --output-dir)") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def run(argv=None):
-    """main() as a command: a user's mistake ends in one or two lines and exit code 2, divergence
-    in 3, Ctrl-C in 130, SIGTERM in 143, as when the launcher is gone or another rank stopped
-    first; then teardown."""
+    """main() as a command: exit code 2 for a user's mistake (one or two lines), 3 for divergence,
+    130 for Ctrl-C, 143 for SIGTERM (also when the launcher or another rank is gone)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     watch_launcher()
     quiet_known_messages()
@@ -898,18 +797,12 @@ def run(argv=None):
     try:
         args = parse_args(argv)
         code = main(args)
-    except UsageError as e:
-        code = 2
+    except (UsageError, TrainingDiverged) as e:
+        code = e.code
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         else:
             time.sleep(3)  # let rank 0 say why before the launcher ends every rank
-    except TrainingDiverged as e:
-        code = 3
-        if rank0:
-            print(f"error: training diverged: {e}; DeepSpeed skips such steps only in fp16/bf16.\n"
-                  "  check: the data for NaN/Inf, a lower learning rate, gradient_clipping > 0, "
-                  "--dtype bf16", file=sys.stderr)
     except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
             signal.signal(sig, signal.SIG_IGN)
@@ -934,6 +827,43 @@ def from_a_collective(e):
     return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
 
 
+@functools.cache  # one watcher per process, however many runs it holds
+def watch_launcher():
+    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
+    ranks training. So a rank checks every second that its parent (and launch.py's) still runs."""
+    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
+        return
+    links = [(os.getpid(), parent_pid(os.getpid()))]
+    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
+        if b"deepspeed.launcher.launch" in f.read():
+            links.append((links[0][1], parent_pid(links[0][1])))
+
+    def watch():
+        while all(parent_pid(pid) == parent for pid, parent in links):  # else reparented: gone
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def parent_pid(pid):
+    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
+
+
+def say(*lines):
+    """Print on global rank 0 only (the launcher's RANK; plain `python` is rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*lines, sep="\n", flush=True)
+
+
+def first_line(e):
+    """One line about any exception, also one with an empty message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
 # ======================================================= DeepSpeed 0.19.8 workarounds
 def refuse_fp16_without_zero(cfg, path):
     """fp16 without ZeRO divides every update by the loss scale without having scaled the loss
@@ -945,14 +875,17 @@ def refuse_fp16_without_zero(cfg, path):
 
 @contextlib.contextmanager
 def config_errors_in_one_line(path):
-    """deepspeed.initialize passes on the optimizer's or scheduler's own errors (a negative warmup,
-    betas of one number) with a traceback; the engine's method in its frames names the section."""
+    """deepspeed.initialize passes on its own check of the optimizer's name, and the optimizer's or
+    scheduler's errors (a negative warmup, betas of one number), with a traceback; the engine's
+    method in its frames names the section of the config."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - any other error goes on as it is
         frames = {frame.name for frame in traceback.extract_tb(e.__traceback__)}
-        for section, built_in in (("optimizer", "optimizer"), ("scheduler", "lr_scheduler")):
-            if f"_configure_{built_in}" in frames:
+        sections = {"_do_sanity_check": "DeepSpeed's check", "_configure_optimizer": "optimizer",
+                    "_configure_lr_scheduler": "scheduler"}
+        for method, section in sections.items():
+            if method in frames:
                 raise UsageError(f"{path}: {section}: {first_line(e)}") from None
         raise
 

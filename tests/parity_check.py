@@ -71,7 +71,8 @@ def check(example, dtype, config, steps, first):
     if first:
         ex.setup_distributed()
     device = torch.device(get_device())
-    cfg, dtype, *own_clip = ex.load_config(args, 1, device.type == "cpu")
+    world = [] if basic else [1]  # 03 leaves the world-size checks to DeepSpeed
+    cfg, dtype, *own_clip = ex.load_config(args, *world, device.type == "cpu")
     own_clip = own_clip[0] if own_clip else None
     if not basic:
         ex.fill_schedule(cfg, args, max(1, steps // 4))

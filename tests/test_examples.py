@@ -281,22 +281,32 @@ def test_a_training_step_equals_plain_pytorch(launched):
     assert results[2]["clip"] == 1.0  # 02's default config: the script's own clipping was compared
 
 
-def test_optimizer_and_scheduler_errors_of_deepspeed_end_in_one_line(tmp_path):
-    """What only the constructors DeepSpeed calls in deepspeed.initialize refuse (a negative warmup,
-    betas of one number) ends on both ranks in one line naming the config section, exit code 2,
-    and no traceback from any rank: one 2-rank launch runs both (tests/drive.py)."""
+def test_deepspeed_config_errors_end_in_one_line(tmp_path):
+    """What only DeepSpeed checks in 03 (the constructors deepspeed.initialize calls: a negative
+    warmup, betas of one number, an unknown optimizer or scheduler, a misspelt parameter; and
+    DeepSpeedConfig: a batch size for one GPU on two) ends on both ranks in one line naming the
+    config file (and section), exit code 2, no traceback from any rank: one 2-rank launch runs them
+    all (tests/drive.py)."""
     ex = "03_cifar10_basic"
-    bad = {"scheduler": lambda c: c["scheduler"]["params"].update(warmup_num_steps=-5),
-           "optimizer": lambda c: c["optimizer"]["params"].update(betas=[0.9])}
+    bad = {  # name: (edit, the section named, a word of the error)
+        "scheduler": (lambda c: c["scheduler"]["params"].update(warmup_num_steps=-5),
+                      "scheduler", "warmup_num_steps"),
+        "optimizer": (lambda c: c["optimizer"]["params"].update(betas=[0.9]),
+                      "optimizer", "IndexError"),
+        "opt_type": (lambda c: c["optimizer"].update(type="Adamm"), "DeepSpeed's check", "Adamm"),
+        "opt_param": (lambda c: c["optimizer"]["params"].update(lrr=0.1), "optimizer", "lrr"),
+        "sched_type": (lambda c: c["scheduler"].update(type="WarmupLRR"), "scheduler", "WarmupLRR"),
+        "one_gpu": (lambda c: c.update(train_batch_size=4), "AssertionError", "4 != 4 * 1 * 2"),
+    }
     runs = [["--dataset", "synthetic", "--synthetic-size", 64, "--epochs", 1, "--output-dir",
              tmp_path / k, "--deepspeed_config", config(ex, tmp_path / f"{k}.json", edit)]
-            for k, edit in bad.items()]
-    r = launch(ex, runs=runs, ranks=2, cwd=tmp_path, timeout=240, stall=90)
+            for k, (edit, _, _) in bad.items()]
+    r = launch(ex, runs=runs, ranks=2, cwd=tmp_path, timeout=300, stall=90)
     assert "Traceback" not in r.text, r
-    for k, (section, needle) in enumerate([("scheduler", "warmup_num_steps"),
-                                           ("optimizer", "IndexError")]):
+    for k, (name, (_, section, needle)) in enumerate(bad.items()):
         part = r.part(k)
-        assert part.rc == 2, r
+        assert part.rc == 2, (name, r)
         errors = [ln for ln in part.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and f"{section}.json: {section}" in errors[0], r
-        assert needle in errors[0], r
+        assert len(errors) == 1 and f"{name}.json: {section}" in errors[0], (name, r)
+        assert needle in errors[0], (name, r)
+        assert not (tmp_path / name).exists(), name  # a refused run leaves nothing behind

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ BAD = {  # case: (flags from (example, tmp dir), words the message must hold)
                            ['optimizer.params.lr = "0.1"', "number"]),
     "config_zero_stage_a_word": (_cfg(lambda c: c.update(zero_optimization={"stage": "two"})),
                                  ['zero_optimization.stage = "two"', "0, 1, 2 or 3"]),
-    "config_no_optimizer": (_cfg(lambda c: c.pop("optimizer")), ["optimizer.type", "null"]),
+    "config_no_optimizer": (_cfg(lambda c: c.pop("optimizer")), ["optimizer", "null"]),
     "config_unknown_scheduler": (_cfg(lambda c: c["scheduler"].update(type="WarmupLRR")),
                                  ['scheduler.type = "WarmupLRR"', "WarmupCosineLR"]),
     "config_optimizer_param_misspelt": (_cfg(lambda c: c["optimizer"]["params"].update(lrr=0.1)),
@@ -122,8 +123,15 @@ BAD = {  # case: (flags from (example, tmp dir), words the message must hold)
 }
 
 
-# What 03, the first rung, does not carry (CONTRACT.md: 02 refuses misspelt keys, 01/02 have monitors)
-NOT_IN_03 = {"config_unknown_key", "config_tensorboard_not_installed"}
+# What 03, the first rung, does not refuse here: 02 refuses misspelt keys, 01/02 have monitors; and
+# 03 leaves every other config check to DeepSpeed, after the process group is up (a key's type,
+# ZeRO stage, batch sizes: test_03_config_is_checked_by_deepspeed below) or in deepspeed.initialize
+# (optimizer and scheduler: test_examples.py::test_deepspeed_config_errors_end_in_one_line).
+# DeepSpeed does not check a string for gradient_clipping or an enabled torch_autocast section.
+NOT_IN_03 = {"config_unknown_key", "config_tensorboard_not_installed", "config_clipping_a_string", "config_lr_a_string", "config_zero_stage_a_word",
+             "config_unknown_scheduler", "config_optimizer_param_misspelt",
+             "config_scheduler_param_misspelt", "config_unknown_optimizer", "config_micro_batch_0",
+             "config_torch_autocast", "patience_0"}
 
 
 @pytest.mark.parametrize("example,case", [(ex, case) for case in BAD for ex in EXAMPLES
@@ -142,13 +150,40 @@ def test_bad_input_is_refused_before_deepspeed_starts(example, case, tmp_path, m
         assert not out.exists(), "a refused run left an output directory behind"
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
+@pytest.mark.parametrize("example", ["01_basic_convnet", "02_cifar10"])  # 03: DeepSpeed checks it
 def test_batch_size_for_one_gpu_is_refused_on_two(example, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = write_config(example, tmp_path / "c.json", lambda c: c.update(
         train_batch_size=c["train_micro_batch_size_per_gpu"]))
     rc, _, err = in_process(example, ["--deepspeed_config", cfg, "--output-dir", tmp_path / "o"])
     assert_clean_error(rc, err, "train_batch_size", "2 ranks", "leave it out")
+
+
+DEEPSPEED_CHECKS = {  # case: (edit, words 03's one line must hold), as DeepSpeedConfig words it
+    "section_wrong_type": (lambda c: c.update(scheduler="WarmupLR"), ["c.json", "Error"]),
+    "zero_stage_a_word": (lambda c: c.update(zero_optimization={"stage": "two"}),
+                          ["c.json", "stage", "'two'", "0, 1, 2, 3"]),
+    "micro_batch_0": (lambda c: c.update(train_micro_batch_size_per_gpu=0),
+                      ["c.json", "greater than 0"]),
+    "batch_for_another_world": (lambda c: c.update(train_batch_size=7), ["c.json", "7 != 4 * 1 * 1"]),
+}
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_CHECKS)
+def test_03_config_is_checked_by_deepspeed(case, tmp_path):
+    """03 builds DeepSpeed's own DeepSpeedConfig once the process group is up (it checks batch
+    sizes against the real world size): its error becomes one line naming the file."""
+    edit, needles = DEEPSPEED_CHECKS[case]
+    mod = load_example("03_cifar10_basic")
+    path = write_config("03_cifar10_basic", tmp_path / "c.json", edit)
+    args = mod.parse_args(["--deepspeed_config", str(path)])
+    cfg, _ = mod.load_config(args, on_cpu=True)
+    with gloo(), pytest.raises(mod.UsageError) as e:
+        mod.check_with_deepspeed(cfg, str(path))
+    assert_clean_error(2, f"error: {e.value}", *needles)
+    with gloo():
+        checked = mod.check_with_deepspeed(mod.load_config(mod.parse_args([]), True)[0], "x")
+    assert checked.train_batch_size == 4
 
 
 def test_an_error_without_a_message_is_reported_in_one_line():
@@ -163,6 +198,9 @@ def resolve(example, config, dtype, on_cpu, world=1):
     """(config, dtype, clip by the script or None); 03 always leaves clipping to DeepSpeed."""
     mod = load_example(example)
     args = mod.parse_args(["--deepspeed_config", str(REPO / example / config), "--dtype", dtype])
+    if example == "03_cifar10_basic":  # DeepSpeed checks the world size later
+        cfg, got = mod.load_config(args, on_cpu)
+        return cfg, got, None
     cfg, got, *clip = mod.load_config(args, world, on_cpu)
     return cfg, got, clip[0] if clip else None
 
@@ -206,8 +244,9 @@ def test_fp16_without_zero_is_refused_with_the_fix(example, config, tmp_path):
     cfg = write_config(example, tmp_path / "c.json", lambda c: c.pop("zero_optimization", None))
     mod = load_example(example)
     args = mod.parse_args(["--deepspeed_config", str(cfg), "--dtype", "fp16"])
+    world = [] if example == "03_cifar10_basic" else [1]
     with pytest.raises(mod.UsageError, match="fp16 needs zero_optimization.stage >= 1"):
-        mod.load_config(args, 1, on_cpu=False)
+        mod.load_config(args, *world, on_cpu=False)
 
 
 @pytest.mark.parametrize("example", ["01_basic_convnet", "02_cifar10"])  # 03: WarmupLR only
@@ -293,8 +332,9 @@ def load(example, args):
     mod = load_example(example)
     cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1}
     with gloo():
-        if example == "03_cifar10_basic":
-            return mod.load_data(mod.parse_args([str(a) for a in args]), cfg, 1, CPU, torch.float32)
+        if example == "03_cifar10_basic":  # its batch sizes as DeepSpeed checked them
+            checked = SimpleNamespace(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
+            return mod.load_data(mod.parse_args([str(a) for a in args]), checked, CPU, torch.float32)
         return mod.load_data(mod.parse_args([str(a) for a in args]), cfg, "fp32", 0, 1, CPU)
 
 
@@ -321,7 +361,8 @@ def test_imagefolder_is_checked_image_by_image(example, tmp_path):
     jpeg.unlink()
     for f in (root / "test" / "b").iterdir():
         f.unlink()
-    refused(example, ["--dataset", "imagefolder", "--data-dir", root], "no images", "test/b")
+    empty = "classes b" if example == "03_cifar10_basic" else "test/b"  # 03: torchvision's words
+    refused(example, ["--dataset", "imagefolder", "--data-dir", root], "no images", empty)
     (root / "test" / "b").rmdir()
     refused(example, ["--dataset", "imagefolder", "--data-dir", root], "class folders differ")
     refused(example, ["--dataset", "imagefolder", "--data-dir", tmp_path / "nothing"], "no images")
@@ -397,7 +438,8 @@ def test_overwrite_sets_the_old_run_aside_and_a_failure_puts_it_back(example, tm
     run's stay. A new run that fails before its first checkpoint (here DeepSpeed failing to start)
     puts the old run back byte for byte."""
     mod, out = load_example(example), tmp_path / "o"
-    for f in ("checkpoints/epoch0001/x.pt", "checkpoints/latest", "monitor/job/Train_lr.csv", "metrics.json",
+    monitor = ["monitor/job/Train_lr.csv"] if "monitor" in mod.RUN_FILES else []  # 03: no monitors
+    for f in ("checkpoints/epoch0001/x.pt", "checkpoints/latest", *monitor, "metrics.json",
               "model.pt", "curves.png", "notes.txt"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text(f"old {f}")
@@ -452,8 +494,9 @@ def test_files_are_replaced_whole_never_written_in_place(example, tmp_path, monk
 
     with gloo():
         own_clip = [] if example == "03_cifar10_basic" else [None]  # 03 has no clipping of its own
+        no_model_pt = [] if example == "03_cifar10_basic" else [False]  # 03 writes it every epoch
         with pytest.raises(mod.UsageError, match="cannot write checkpoint"):
-            mod.save_epoch(Engine(), run, args, {}, *own_clip, False)  # no model.pt
+            mod.save_epoch(Engine(), run, args, {}, *own_clip, *no_model_pt)
         monkeypatch.setattr("builtins.open", full_disk_open)
         with pytest.raises(mod.UsageError, match="disk full"):
             mod.write_metrics(args, {}, *own_clip, run)
@@ -462,7 +505,17 @@ def test_files_are_replaced_whole_never_written_in_place(example, tmp_path, monk
 
 
 # ============================================================================ the loop's state
-@pytest.mark.parametrize("example", EXAMPLES)
+def test_03_run_state_keeps_the_best_epoch():
+    """03 has no early stopping: its RunState counts epochs and skipped steps and keeps the best."""
+    mod = load_example("03_cifar10_basic")
+    run = mod.RunState()
+    for epoch, acc in enumerate([50, 60, 55], 1):
+        run.record({"epoch": epoch, "test_accuracy": acc, "skipped_steps": epoch % 2})
+    assert (run.epoch, run.best_epoch, run.best_accuracy, run.skipped_steps) == (3, 2, 60, 2)
+    assert mod.RunState(**json.loads(json.dumps({**vars(run), "rng": {}}))).history == run.history
+
+
+@pytest.mark.parametrize("example", ["01_basic_convnet", "02_cifar10"])  # 03: no early stopping
 def test_run_state_keeps_best_and_patience(example):
     mod = load_example(example)
     args = mod.parse_args(["--epochs", "6", "--patience", "2", "--min-improvement", "0.1"])

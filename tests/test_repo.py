@@ -20,7 +20,7 @@ SCRIPTS = {e: REPO / e / "train_ds.py" for e in EXAMPLES}
 # across GPU counts, ZeRO-3, monitors and the workarounds included): new features must fit or
 # make room. 03, rewritten as the first rung, is held where the rewrite left it; its target is
 # 400 (STYLE.md), which the shared plumbing of the core contract alone does not fit today.
-CAPS = {"lines": {"01_basic_convnet": 1182, "02_cifar10": 1397, "03_cifar10_basic": 990},
+CAPS = {"lines": {"01_basic_convnet": 1182, "02_cifar10": 1397, "03_cifar10_basic": 923},
         "main": 80, "other_function": 50, "line": 100}
 WORKAROUNDS = "DeepSpeed 0.19.8 workarounds"
 # Environment variables an example may read: the launcher's and Weights & Biases' own.
@@ -137,18 +137,22 @@ def test_the_checks_above_see_what_they_look_for(tmp_path):
 # shares the plumbing; its lesson (config, loop, checkpoints) is its own, smaller code.
 ALL = ("01_basic_convnet", "02_cifar10", "03_cifar10_basic")
 SHARED = {
-    ALL: ["UsageError", "Parser", "say", "first_line", "check_constructor_params",
-          "setup_distributed", "watch_launcher", "parent_pid", "rank0_first", "plain_weights",
-          "check_output_dir", "claim_output_dir", "settle_set_aside", "release_output_dir",
-          "atomic_write", "plot_curves", "refuse_fp16_without_zero", "config_errors_in_one_line",
-          "read_checkpoint", "take_flags", "identity", "data_fingerprint",
-          "quiet_known_messages", "release_shm_buffer", "from_a_collective"],
-    ("01_basic_convnet", "02_cifar10"): ["check_config", "fill_schedule",
+    ALL: ["Parser", "say", "first_line", "parent_pid", "rank0_first",
+          "plain_weights", "atomic_write", "plot_curves", "refuse_fp16_without_zero",
+          "quiet_known_messages", "release_shm_buffer",
+          "from_a_collective"],
+    ("01_basic_convnet", "02_cifar10"): ["UsageError", "check_constructor_params",
+                                         "config_errors_in_one_line", "watch_launcher",
+                                         "setup_distributed", "check_output_dir",
+                                         "claim_output_dir", "settle_set_aside",
+                                         "release_output_dir", "read_checkpoint", "take_flags",
+                                         "identity", "data_fingerprint",
+                                         "check_config", "fill_schedule",
                                          "TrainingDiverged", "optimizer_step", "global_means",
                                          "evaluate", "restore", "save_epoch",
                                          "write_metrics", "init_wandb", "report", "run",
                                          "check_keys_deepspeed_reads", "train_batches"],
-    ("01_basic_convnet", "03_cifar10_basic"): ["RunState", "quality"],
+    ("01_basic_convnet", "03_cifar10_basic"): ["quality"],
 }
 
 
