@@ -370,7 +370,7 @@ def train_one_epoch(engine, data, run, args):
         logits = engine(x).float()  # fp32 logits for the loss, whatever the precision
         loss = F.cross_entropy(logits, y)
         boundary = engine.is_gradient_accumulation_boundary()  # before step() counts this one
-        engine.backward(loss)  # gradients averaged over ranks, divided by the accumulation steps
+        engine.backward(loss)  # averaged over ranks; divided by the accumulation steps
         window[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
         window[3] += len(y)
         if not boundary:
