@@ -190,8 +190,7 @@ def check_with_deepspeed(cfg, path):
 
 
 def load_data(args, checked, device, dtype):
-    """Training and test sets of normalized 3x32x32 images. The training set goes to
-    deepspeed.initialize, which builds its loader; every rank reads its share of the test set."""
+    """Normalized 3x32x32 images: the training set for DeepSpeed's loader, the test set sharded."""
     if args.dataset == "synthetic":
         sets = [synthetic(args.synthetic_size, args.seed, 1),
                 synthetic(max(10, args.synthetic_size // 5), args.seed, 2)]
@@ -217,8 +216,7 @@ def load_data(args, checked, device, dtype):
 
 
 def synthetic(n, seed, split):
-    """n normalized images in 10 classes: a smooth random pattern per class (from seed) buried in
-    noise of twice its scale. Learnable, offline; not CIFAR-10."""
+    """n images in 10 classes: a smooth pattern per class in noise of twice its scale; offline."""
     patterns = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
     patterns = F.interpolate(patterns, 32, mode="bilinear")  # [10, 3, 32, 32]
     g = torch.Generator().manual_seed(seed * 1000 + split)
@@ -256,9 +254,8 @@ def load_cifar10(data_dir):
 
 
 def load_imagefolder(root):
-    """torchvision's ImageFolder of root/train and root/test, with the same class folders (sorted,
-    they give the labels). Every image is opened once here, so that a broken one stops the run by
-    name before training, not a loader worker in the middle of it."""
+    """torchvision's ImageFolder of root/train and root/test (sorted class folders give the labels).
+    Every image is opened once here: a broken one stops the run by name, not a loader worker."""
     try:
         sets = [datasets.ImageFolder(os.path.join(root, split), TRANSFORM)
                 for split in ("train", "test")]
@@ -358,8 +355,8 @@ def print_banner(args, dtype, engine, data, model):
 
 
 def train_one_epoch(engine, data, run, args):
-    """One pass over this rank's shard. Loss, hits, grad norm, images and steps are summed on the
-    device, and read (summed over ranks) only for a log line and at the epoch's end."""
+    """One pass over this rank's shard. The numbers are summed on the device and read, summed over
+    ranks, only for a log line and at the epoch's end."""
     start = time.time()
     window = torch.zeros(5, device=data.device)  # loss x images, hits, norm, images, steps
     line = torch.zeros(5, device=data.device)  # applied windows since the last log line
@@ -426,9 +423,8 @@ def optimizer_step(engine):
 
 
 def global_means(sums, run):
-    """(loss, accuracy %, grad norm, images) over all ranks. In fp32 DeepSpeed applies a step with
-    non-finite gradients, so the loss stays NaN: the run ends (exit code 3); so does an epoch whose
-    every step DeepSpeed skipped (fp16, bf16)."""
+    """(loss, accuracy %, grad norm, images) over all ranks. A NaN loss (fp32: DeepSpeed applies
+    such a step) or an epoch of skipped steps (fp16, bf16) ends the run, exit code 3."""
     total = sums.double()
     dist.all_reduce(total)
     loss, hits, norm, images, steps = total.tolist()
@@ -903,9 +899,8 @@ def quiet_known_messages():
 
 
 def stop_loader_workers(loader):
-    """DeepSpeed's loader keeps an epoch's DataLoader iterator, and its worker processes, until the
-    next epoch, also after one that stopped early; left to the garbage collector, their shutdown can
-    stall for many seconds. Close it when the epoch ends."""
+    """DeepSpeed's loader keeps an epoch's iterator and its worker processes until the next epoch
+    (also after one that stopped early), whose shutdown can then stall for seconds: close it."""
     if loader.data is not None:
         loader.data.close()
 
