@@ -109,47 +109,6 @@ def main(args):
     return 0
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__.splitlines()[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--epochs", type=int, default=2, help="passes over the training set")
-    add("--dataset", choices=["cifar10", "imagefolder", "synthetic"], default="cifar10",
-        help="cifar10: torchvision's, in --data-dir (downloaded); imagefolder: "
-             "--data-dir/{train,test}/<class>/<image>; synthetic: generated, offline")
-    add("--synthetic-size", type=int, default=10_000, help="synthetic training images (test: 1/5)")
-    add("--data-dir", default="./data", help="where the dataset is read or downloaded")
-    add("--output-dir", default=f"runs/{EXAMPLE}", help="checkpoints, model.pt, metrics.json")
-    add("--resume", nargs="?", const="", metavar="DIR",
-        help="continue the run in DIR (default: --output-dir) from its last checkpoint")
-    add("--overwrite", action="store_true", help="replace the run already in --output-dir")
-    add("--allow-changes", action="store_true",
-        help="--resume with another dataset, data, seed or model than the checkpoint's")
-    add("--seed", type=int, default=42, help="init, data order and synthetic data")
-    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the config's precision")
-    add("--log-interval", type=int, default=2000, help="steps between [epoch, step] lines")
-    add("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
-    args = deepspeed.add_config_arguments(p).parse_args(argv)  # --deepspeed, --deepspeed_config
-    # The flags given on the command line: --resume takes the others from the checkpoint.
-    unset = object()  # argparse fills in a default only where the namespace has no value
-    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
-    args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
-    for name, low in (("epochs", 1), ("log_interval", 1), ("max_steps", 0), ("synthetic_size", 10)):
-        if getattr(args, name) < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, "
-                             f"not {getattr(args, name)}")
-    if args.resume is not None and args.overwrite:
-        raise UsageError("--resume continues the run in --output-dir, --overwrite replaces it")
-    return args
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage text
-        raise UsageError(f"{message} (see --help)")
-
-
 def check_inputs(args):
     """What the user gave, checked before anything slow starts: (config, precision, checkpoint).
     The checkpoint comes first: flags not given again come from it."""
@@ -567,6 +526,47 @@ def plot_curves(history, path):
 
 
 # ======================================== plumbing: inputs, --resume, --output-dir, stopping
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--epochs", type=int, default=2, help="passes over the training set")
+    add("--dataset", choices=["cifar10", "imagefolder", "synthetic"], default="cifar10",
+        help="cifar10: torchvision's, in --data-dir (downloaded); imagefolder: "
+             "--data-dir/{train,test}/<class>/<image>; synthetic: generated, offline")
+    add("--synthetic-size", type=int, default=10_000, help="synthetic training images (test: 1/5)")
+    add("--data-dir", default="./data", help="where the dataset is read or downloaded")
+    add("--output-dir", default=f"runs/{EXAMPLE}", help="checkpoints, model.pt, metrics.json")
+    again = p.add_mutually_exclusive_group()  # a run in --output-dir: continue it, or replace it
+    again.add_argument("--resume", nargs="?", const="", metavar="DIR",
+                       help="continue the run in DIR (default: --output-dir)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output-dir")
+    add("--allow-changes", action="store_true",
+        help="--resume with another dataset, data, seed or model than the checkpoint's")
+    add("--seed", type=int, default=42, help="init, data order and synthetic data")
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the config's precision")
+    add("--log-interval", type=int, default=2000, help="steps between [epoch, step] lines")
+    add("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
+    args = deepspeed.add_config_arguments(p).parse_args(argv)  # --deepspeed, --deepspeed_config
+    # The flags given on the command line: --resume takes the others from the checkpoint.
+    unset = object()  # argparse fills in a default only where the namespace has no value
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
+    args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
+    for name, low in (("epochs", 1), ("log_interval", 1), ("max_steps", 0), ("synthetic_size", 10)):
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, "
+                             f"not {getattr(args, name)}")
+    return args
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage text
+        raise UsageError(f"{message} (see --help)")
+
+
 def read_checkpoint(args, model_class):
     """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
     again come from it; another dataset, data, seed or model needs --allow-changes."""
