@@ -71,7 +71,7 @@ class TrainingDiverged(Exception):
 
 def main(args):
     start = time.time()
-    cfg, dtype, ckpt = check_inputs(args)  # flags, config, output dir, checkpoint: all first
+    cfg, dtype, ckpt = check_inputs(args)  # before anything slow starts
     device = setup_distributed()
     checked = check_with_deepspeed(cfg, args.deepspeed_config)  # for this world size
     torch.manual_seed(args.seed)  # the model's initial weights
@@ -79,9 +79,9 @@ def main(args):
     model = Net(len(data.classes))
     model.classes = data.classes  # model.pt carries them
 
-    # Step 1: the engine. It owns the optimizer, LR schedule, precision, ZeRO partitioning, the
-    # gradient all-reduce and checkpoints, as the config says. Given training_data it also builds
-    # the loader: a DistributedSampler gives each rank its own shuffled shard of micro-batches.
+    # Step 1: the engine. It owns the optimizer, LR schedule, precision, ZeRO partitions,
+    # the gradient all-reduce and checkpoints, as the config says. With training_data it
+    # also builds the loader: a DistributedSampler gives each rank its own shuffled shard.
     with config_errors_in_one_line(args.deepspeed_config):
         engine, _, data.loader, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=cfg,
