@@ -266,7 +266,7 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
       both ranks hold the same model after every epoch (checksums); then early stopping (no gain of
       1e9 in one epoch) ends epoch 2 on both ranks: had one rank gone on alone it would wait in a
       collective, and the run would stall;
-    - two NaN batches in a row on rank 1 with --max-bad-steps 2: both ranks stop, rank 0 prints the
+    - two NaN batches on rank 1 with --max-bad-steps 2: both ranks stop, rank 0 prints the
       diagnosis, exit code 3, no result files (03 skips only in bf16/fp16: its first run is bf16, and
       its fp32 run stops at the first non-finite loss);
     - a resume of the first run with another micro batch: a one-line notice, and training goes on."""
@@ -284,7 +284,8 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
               if e["run"] == 0] for k in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) >= 2, ranks  # the same model on both ranks
 
-    gave_up = "non-finite loss" if example == "03_cifar10_basic" else "2 non-finite steps in a row"
+    gave_up = {"01_basic_convnet": "2 non-finite steps in a row", "02_cifar10": "2 non-finite steps "
+               "in epoch 1", "03_cifar10_basic": "non-finite loss"}[example]
     assert_clean_error(diverged.rc, diverged.stderr, "training diverged", gave_up, "check:")
     assert diverged.rc == 3
     assert not (tmp / "b" / "model.pt").exists() and not (tmp / "b" / "metrics.json").exists()
