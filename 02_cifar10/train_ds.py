@@ -68,6 +68,7 @@ class TrainingDiverged(Exception):
 
 def main(args):
     start = time.time()
+    clock = Stopwatch()  # where this process's time goes: one `phases:` line at the end
     resume = read_checkpoint(args, CIFAR10CNNEnhanced) if args.resume is not None else None
     world = int(os.environ.get("WORLD_SIZE", 1))  # the launcher's; 1 under plain python
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -77,8 +78,10 @@ def main(args):
         fit_to_checkpoint(cfg, resume, world)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed)
+    clock.lap("setup")
 
     data = load_data(args, cfg, dtype, rank, world, device)
+    clock.lap("data")  # decoded and on the device
     fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
     model = CIFAR10CNNEnhanced(len(data.classes))
     model.classes = data.classes  # model.pt carries them
@@ -93,6 +96,7 @@ def main(args):
     resumed_at = run.epoch  # with --val-split, this run writes model.pt if an epoch beats it
     print_banner(args, cfg, dtype, own_clip, engine, data)
     wandb_run = init_wandb(args, cfg)
+    clock.lap("engine")
 
     for epoch in range(run.epoch, args.epochs):
         train = train_one_epoch(engine, data, run, args, own_clip)
@@ -112,12 +116,17 @@ def main(args):
         record(engine, "Epoch", losses, wandb_run)
         keep = best or not data.val  # model.pt: the best on --val-split, else the last
         save_epoch(engine, run, args, cfg, own_clip, write_model=keep)
+        if epoch == resumed_at:
+            clock.lap("first_epoch")  # with CUDA's lazy start: kernels load on first use
         reason = run.stop_reason(args, engine.global_steps)
         if reason:
             say(reason)
             break
+    clock.lap("epochs")
     saved = run.best_epoch > resumed_at or not data.val
     report(run, test, data, args, cfg, own_clip, wandb_run, model_saved=saved)
+    clock.lap("report")
+    say(clock.line())
     return 0
 
 
@@ -635,6 +644,23 @@ def plain_weights(engine):
 
 # ===== plumbing: error reporting, the output directory, atomic writes, data files and pixels,
 # config checks, W&B and plots. Nothing here is needed to follow the DeepSpeed story above.
+class Stopwatch:
+    """Seconds spent between named marks of one run, summed per name."""
+
+    def __init__(self):
+        self.last = time.time()
+        self.laps = {}
+
+    def lap(self, name):
+        now = time.time()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def line(self):
+        """`phases: setup 1.93 data 0.61 ...`, seconds in the order the marks came."""
+        return "phases: " + " ".join(f"{name} {s:.2f}" for name, s in self.laps.items())
+
+
 def skip_on_the_device(optimizer, own_clip):
     """Where the script skips non-finite steps (fp32 without ZeRO), torch's fused SGD, Adam and
     AdamW ("fused": true in the config) do it without a host read: they skip an update while

@@ -88,6 +88,9 @@ def test_phases_times_a_real_launch_in_order(tmp_path):
     assert lines["first_line"].startswith("Loading") and lines["engine"].startswith("DeepSpeed CNN training")
     assert re.match(r"epoch +1/2 ", lines["first_epoch"]) and re.match(r"epoch +2/2 ", lines["last_epoch"])
     assert lines["report"].startswith("Saved:") and (tmp_path / "runs" / "1" / "metrics.json").is_file()
+    inside = run["in_process"]  # the script's own `phases:` line, seconds between its marks
+    assert list(inside) == ["setup", "data", "engine", "first_epoch", "epochs", "report"], inside
+    assert all(v >= 0 for v in inside.values()) and sum(inside.values()) < times["report"], inside
     workers = [q for q in run["processes"] if q["role"] == "worker"]
     assert len(workers) == 1 and "--local_rank=0" in workers[0]["cmdline"], run["processes"]
     summary = json.loads((tmp_path / "phases.json").read_text())
