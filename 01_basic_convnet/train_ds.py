@@ -1,8 +1,12 @@
-"""Example 01: a two-layer CNN on 28x28 digits, trained with DeepSpeed on 1..N GPUs or the CPU.
+"""Example 01: a two-layer CNN on 28x28 digits, trained with DeepSpeed, and the training features
+a real run needs: Kaiming init, linear warmup + cosine decay, early stopping, gradient-norm and
+accuracy tracking, loss-plateau notices, non-finite steps skipped, optional Weights & Biases,
+and a quality rating of held-out test accuracy.
 
-  deepspeed --num_gpus=1 train_ds.py                  # one GPU (or the CPU): synthetic digits
+  deepspeed --num_gpus=1 train_ds.py                  # one GPU (or the CPU): generated digits
   deepspeed --num_gpus=4 train_ds.py                  # 4 GPUs, same config: 4x the global batch
   deepspeed --hostfile=hostfile train_ds.py           # every GPU of the nodes listed in hostfile
+  torchrun --nproc_per_node=2 train_ds.py             # the same script under torchrun
   python train_ds.py --epochs 3                       # one process, no launcher needed
   deepspeed --num_gpus=1 train_ds.py --dataset mnist  # real MNIST, downloaded into ./data
   deepspeed --num_gpus=1 train_ds.py --resume         # continue the run in --output-dir
@@ -18,8 +22,7 @@ import fcntl
 import functools
 import glob
 import hashlib
-import importlib.util
-import inspect
+import itertools
 import json
 import logging
 import math
@@ -41,302 +44,135 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.config import DeepSpeedConfig
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 EXAMPLE = "01_basic_convnet"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = [str(d) for d in range(10)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DATA_FILES = {"mnist": "MNIST/raw"}  # --resume checks them
+TEST_BATCH = 1000  # images per evaluation batch and rank
+PLATEAU = 0.01  # a plateau: the train loss moves by less than 1% (relative) for a few epochs
+DATA_FILES = {"mnist": "MNIST/raw"}  # under --data-dir
+RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "curves.png")  # what --overwrite replaces
+OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
 
 
-# ============================================================ settings
 class UsageError(Exception):
-    """A mistake in flags, config, files or data: one or two lines on stderr, exit code 2."""
+    """A mistake in flags, config, files or data: one or two lines on stderr."""
+    code = 2
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage text
-        raise UsageError(f"{message} (see --help)")
+class TrainingDiverged(Exception):
+    """--max-bad-steps non-finite steps in a row: a diagnosis."""
+    code = 3
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__.splitlines()[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--epochs", type=int, default=50, help="epochs; the LR schedule spans them")
-    add("--warmup-epochs", type=float, default=5, help="linear LR warmup, in epochs")
-    add("--dataset", choices=["synthetic", "mnist"], default="synthetic",
-        help="synthetic: generated from --seed, offline; mnist: torchvision's, in --data-dir")
-    add("--data-dir", default="./data", help="where the dataset is read or downloaded")
-    add("--output-dir", default=f"runs/{EXAMPLE}", help="checkpoints, model.pt, metrics.json")
-    add("--resume", nargs="?", const="", metavar="DIR", help="continue from DIR's last checkpoint "
-        "(default: --output-dir)")
-    add("--overwrite", action="store_true", help="replace the run already in --output-dir")
-    add("--allow-changes", action="store_true", help="--resume with another dataset, data, "
-        "seed or model than the checkpoint's")
-    add("--seed", type=int, default=42, help="init, data order and synthetic data")
-    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the config's precision")
-    add("--patience", type=int, default=15, help="epochs without a train-loss gain, then stop")
-    add("--min-improvement", type=float, default=1e-5, help="the train-loss gain that counts")
-    add("--max-bad-steps", type=int, default=100, help="non-finite steps in a row that end the run")
-    add("--log-interval", type=int, default=50, help="optimizer steps between step lines")
-    add("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    add("--wandb", action="store_true", help="log to W&B (also on when WANDB_API_KEY is set)")
-    add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
-    args = deepspeed.add_config_arguments(p).parse_args(argv)  # adds --deepspeed_config PATH
-    unset = object()  # argparse fills in a default only where the namespace has no value
-    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
-    args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
-    for name, low in (("epochs", 1), ("patience", 1), ("log_interval", 1), ("max_bad_steps", 1),
-                      ("max_steps", 0), ("warmup_epochs", 0), ("min_improvement", 0)):
-        if getattr(args, name) < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, "
-                             f"not {getattr(args, name)}")
-    if args.resume is not None and args.overwrite:
-        raise UsageError("--resume continues the run in --output-dir, --overwrite replaces it")
-    return args
+def main(args):
+    start = time.time()
+    cfg, dtype, ckpt = check_inputs(args)  # before anything slow starts
+    device = setup_distributed()
+    checked = check_with_deepspeed(cfg, args.deepspeed_config)  # for this world size
+    torch.manual_seed(args.seed)  # the model's initial weights
+    data = load_data(args, checked, device, DTYPES[dtype])
+    fill_schedule(cfg, args, data.micro_batches // checked.gradient_accumulation_steps)
+    model = CNNModelEnhanced(len(data.classes))
+    model.classes = data.classes  # model.pt carries them
+    # The engine owns the optimizer, LR schedule, precision, ZeRO partitions, the
+    # gradient all-reduce and checkpoints, as the config says. With training_data it also
+    # builds the loader: a DistributedSampler gives each rank its own shuffled shard.
+    with config_errors_in_one_line(args.deepspeed_config):
+        engine, _, data.loader, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=cfg,
+            training_data=data.trainset)
+    data.loader.data_sampler.seed = args.seed  # DeepSpeed seeds its sampler with 0
+    run = RunState()
+    if ckpt:
+        run = restore(engine, ckpt)  # load_checkpoint: weights, optimizer, LR schedule
+    run.identity = identity(args, CNNModelEnhanced)  # saved with every checkpoint
+    print_banner(args, cfg, dtype, engine, data, model)
+    wandb_run = init_wandb(args, cfg)
+
+    for epoch in range(run.epoch, args.epochs):
+        train = train_one_epoch(engine, data, run, args, wandb_run)
+        test = evaluate(engine, data)  # over all ranks
+        row = {"epoch": epoch + 1, **train, **test, "lr": engine.get_lr()[0]}
+        best = run.record(row, test["test_accuracy"], args)  # best epoch, patience used
+        row["plateau"] = on_plateau(run.history, args.plateau_epochs)
+        run.wall_time_s += time.time() - start
+        start = time.time()
+        print_epoch(row, args, best)
+        if wandb_run:
+            epoch_row = {f"epoch/{k}": v for k, v in row.items()}
+            wandb_run.log(epoch_row, step=engine.global_samples)
+        save_epoch(engine, run, args, cfg)  # every rank: ZeRO saves a shard per rank
+        reason = run.stop_reason(args, engine.global_steps)  # the same on every rank
+        if reason:
+            say(reason)
+            break
+    report(run, args, cfg, data.classes, wandb_run)
+    return 0
 
 
-def say(*lines):
-    """Print on global rank 0 only (the launcher's RANK; plain `python` is rank 0)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(*lines, sep="\n", flush=True)
+def check_inputs(args):
+    """What the user gave, checked before anything slow starts: (config, precision, checkpoint).
+    The checkpoint comes first: flags not given again come from it."""
+    ckpt = None
+    if args.resume is not None:
+        ckpt = read_checkpoint(args, CNNModelEnhanced)
+    cfg, dtype = load_config(args, get_accelerator().device_name() == "cpu")
+    check_output_dir(args)
+    return cfg, dtype, ckpt
 
 
-def first_line(e):
-    """One line about any exception, also one with an empty message."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
-# ============================================================ config
-def load_config(args, world, on_cpu):
-    """Read and check the DeepSpeed JSON before anything slow starts. It owns batch size,
-    precision, optimizer, scheduler and ZeRO; the script settles the precision (--dtype) and who
-    clips gradients. Returns (config, dtype, clip applied by the script or None)."""
-    try:
-        with open(args.deepspeed_config) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
-        raise UsageError(f"DeepSpeed config {what}: {args.deepspeed_config} ({first_line(e)})"
-                         ) from None
-    check_config(cfg, args.deepspeed_config, world)
-    # Precision, one rule in every example: DeepSpeed's own fp16 or bf16 section, else fp32.
-    dtype = args.dtype if args.dtype != "auto" else next(
-        (k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")), "fp32")
-    if dtype == "fp16" and on_cpu:
-        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
-        dtype = "fp32"
-    fp16, _ = {**cfg.pop("fp16", {}), "enabled": True}, cfg.pop("bf16", None)
-    if dtype != "fp32":  # bf16's check_grad_overflow: DeepSpeed skips non-finite steps at any stage
-        cfg[dtype] = fp16 if dtype == "fp16" else {"enabled": True, "check_grad_overflow": True}
-    refuse_fp16_without_zero(cfg, args.deepspeed_config)
-    # Who clips. In fp32 without ZeRO, DeepSpeed neither skips non-finite steps nor reports the
-    # gradient norm, so the script takes the global norm itself (optimizer_step) and clips with
-    # it; DeepSpeed's own fp32 clipping would take a second norm, one parameter at a time.
-    own_clip = None
-    if dtype == "fp32" and cfg.get("zero_optimization", {}).get("stage", 0) == 0:
-        own_clip, cfg["gradient_clipping"] = cfg.get("gradient_clipping", 1.0), 0.0
-    cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
-    for monitor in ("csv_monitor", "tensorboard"):  # DeepSpeed's own monitors: output in the run
-        if cfg.get(monitor, {}).get("enabled") and not cfg[monitor].get("output_path"):
-            cfg[monitor].update(output_path=f"{args.output_dir}/monitor", job_name=EXAMPLE)
-    return cfg, dtype, own_clip
-
-
-def check_config(cfg, path, world):
-    """What DeepSpeed would reject late, vaguely or not at all; each message names the key, the
-    value and what is allowed. DeepSpeed's parser checks the rest (check_keys_deepspeed_reads)."""
-    def need(ok, key, value, allowed):
-        if not ok:
-            raise UsageError(f"{path}: {key} = {json.dumps(value)}: allowed: {allowed}")
-
-    def num(v):
-        return type(v) in (int, float)  # not bool
-
-    need(isinstance(cfg, dict), "the file", "...", "one JSON object {...}")
-    for key in ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast",
-                "csv_monitor", "tensorboard"):
-        need(isinstance(cfg.get(key, {}), dict), key, cfg.get(key), "a JSON object {...}")
-    cfg.setdefault("gradient_accumulation_steps", 1)
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        value = cfg.get(key)
-        need(type(value) is int and value > 0, key, value, "a positive integer")
-    batch = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
-    need(cfg.get("train_batch_size", batch) == batch, "train_batch_size",
-         cfg.get("train_batch_size"), f"micro batch x accumulation x {world} ranks = {batch}; "
-         "leave it out to fit any GPU count")
-    kind = cfg.get("optimizer", {}).get("type")
-    need(hasattr(torch.optim, str(kind)) or str(kind).lower() in deepspeed.runtime.config.
-         DEEPSPEED_OPTIMIZERS, "optimizer.type", kind, "an optimizer such as Adam, AdamW or SGD")
-    for key, v in cfg["optimizer"].get("params", {}).items():
-        need(isinstance(v, bool) or num(v) and (v > 0 or key != "lr") or isinstance(v, list) and
-             all(map(num, v)), f"optimizer.params.{key}", v, "a number (lr > 0)")
-    for key, v in cfg.get("scheduler", {}).get("params", {}).items():
-        need(num(v) or key == "warmup_type" and v in ("log", "linear"), f"scheduler.params.{key}",
-             v, 'a number (warmup_type: "log" or "linear")')
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    need(stage in (0, 1, 2, 3) and type(stage) is int, "zero_optimization.stage", stage,
-         "0, 1, 2 or 3")
-    clip = cfg.get("gradient_clipping", 0)
-    need(num(clip) and clip >= 0, "gradient_clipping", clip, "a number >= 0 (0: off)")
-    need(not (cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled")),
-         "fp16.enabled and bf16.enabled", True, "one of them at most")
-    need(not cfg.get("torch_autocast", {}).get("enabled"), "torch_autocast.enabled", True,
-         "false; this script uses DeepSpeed's bf16 or fp16 section (or --dtype) instead")
-    need(not cfg.get("tensorboard", {}).get("enabled") or importlib.util.find_spec("tensorboard"),
-         "tensorboard.enabled", True, "false, or pip install tensorboard (not installed)")
-    check_keys_deepspeed_reads(cfg, path)
-    check_constructor_params(cfg, path)
-
-
-def check_constructor_params(cfg, path):
-    """A key that the optimizer's or scheduler's constructor does not take fails deep inside
-    deepspeed.initialize: refuse it by name, from the signature of the class DeepSpeed builds."""
-    from deepspeed.ops.adam import FusedAdam
-    from deepspeed.runtime import lr_schedules
-
-    kind = str(cfg["optimizer"].get("type"))
-    name = cfg.get("scheduler", {}).get("type")
-    ours = kind.lower() in deepspeed.runtime.config.DEEPSPEED_OPTIMIZERS  # not torch.optim's
-    builds = {"optimizer": None if ours else getattr(torch.optim, kind)}
-    if kind.lower() in ("adam", "adamw"):  # torch's Adam(W) with "torch_adam", else FusedAdam
-        torch_adam = cfg["optimizer"].get("params", {}).get("torch_adam")
-        builds["optimizer"] = torch.optim.Adam if torch_adam else FusedAdam
-    if name is not None:
-        builds["scheduler"] = getattr(lr_schedules if name in lr_schedules.VALID_LR_SCHEDULES
-                                      else torch.optim.lr_scheduler, str(name), None)
-        if not inspect.isclass(builds["scheduler"]):
-            raise UsageError(f"{path}: scheduler.type = {json.dumps(name)}: allowed: "
-                             f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or one of torch's")
-    for section, cls in builds.items():
-        takes = list(inspect.signature(cls).parameters)[1:] if cls else []  # after params
-        unknown = set(cfg[section].get("params", {})) - set(takes) - {"torch_adam", "adam_w_mode"}
-        if cls and unknown:
-            raise UsageError(f"{path}: {section}.params.{min(unknown)}: {cls.__name__} takes no "
-                             f"such parameter; it takes {', '.join(takes)}")
-
-
-def fill_schedule(cfg, args, steps_per_epoch):
-    """WarmupCosineLR and WarmupDecayLR need the run's length in optimizer steps, which depends on
-    the dataset, the epochs and this run's world size: the script fills it in."""
-    if cfg.get("scheduler", {}).get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
-        params = cfg["scheduler"].setdefault("params", {})
-        params["total_num_steps"] = total = max(1, args.epochs * steps_per_epoch)
-        params["warmup_num_steps"] = max(1, min(total, round(args.warmup_epochs * steps_per_epoch)))
-
-
-# ============================================================ distributed setup
 def setup_distributed():
-    """(rank, world size, device). Under plain `python` it first sets what a launcher would."""
+    """The process group; returns this rank's device. Without a launcher (plain `python`) it
+    first sets the environment a launcher would set for one process."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    accel, local_rank = get_accelerator(), int(os.environ["LOCAL_RANK"])
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
-    return dist.get_rank(), dist.get_world_size(), device
+            s.bind(("127.0.0.1", 0))  # a free port
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
 
 
-@functools.cache  # one watcher per process, however many runs it holds
-def watch_launcher():
-    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
-    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
-    run (a dying process's children get another parent), else stops as on SIGTERM."""
-    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
-        return
-    links = [(os.getpid(), parent_pid(os.getpid()))]
-    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
-        if b"deepspeed.launcher.launch" in f.read():
-            links.append((links[0][1], parent_pid(links[0][1])))
-
-    def watch():
-        while all(parent_pid(pid) == parent for pid, parent in links):
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True).start()
+def check_with_deepspeed(cfg, path):
+    """DeepSpeed's own check of the config (batch sizes for this world size, ZeRO, precision),
+    its message in one line naming the file. Returns the checked config."""
+    try:
+        return DeepSpeedConfig(cfg)
+    except Exception as e:  # noqa: BLE001 - an AssertionError, pydantic's ValidationError, ...
+        message = " ".join(str(e).split())[:300]  # pydantic's spans several lines
+        raise UsageError(f"{path}: {type(e).__name__}: {message}") from None
 
 
-def parent_pid(pid):
-    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
-
-
-def rank0_first(load, device):
-    """load() on rank 0 first (it may download), then on the others; an error stops every rank."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = load()
-        except UsageError as e:
-            error = e
-    failed = torch.tensor([float(error is not None)], device=device)
-    dist.all_reduce(failed)
-    if failed.item():
-        raise error or UsageError("rank 0 could not load the dataset (it says why)")
-    return result if dist.get_rank() == 0 else load()
-
-
-# ============================================================ data
-def load_data(args, cfg, dtype, rank, world, device):
-    """The digits are held in device memory (10,000 synthetic: 31 MB); each rank steps through its
-    shard of them in slices, with no per-step copies or host work."""
-    say(f"Loading    : {args.dataset}" + f" from {args.data_dir}" * (args.dataset != "synthetic"))
+def load_data(args, checked, device, dtype):
+    """Training and test digits, normalized [N, 1, 28, 28]. The training set goes to
+    deepspeed.initialize, which builds its loader; every rank reads its share of the test set."""
     if args.dataset == "synthetic":
-        train, test = synthetic_digits(10_000, args.seed, 1), synthetic_digits(2_000, args.seed, 2)
-    elif os.path.isfile(args.data_dir):
-        raise UsageError(f"--data-dir {args.data_dir} is a file; give a directory")
+        sets = [synthetic_digits(10_000, args.seed, 1), synthetic_digits(2_000, args.seed, 2)]
     else:
-        train, test = rank0_first(lambda: load_mnist(args.data_dir), device)
-    on = {"dtype": DTYPES[dtype], "rank": rank, "world": world, "device": device}
-    train = DeviceBatches(*train, cfg["train_micro_batch_size_per_gpu"], **on, shuffle=True,
-                          seed=args.seed, group=cfg["gradient_accumulation_steps"])
-    return SimpleNamespace(train=train, test=DeviceBatches(*test, 1000, **on), val=None,
-                           classes=CLASSES)
-
-
-class DeviceBatches:
-    """Images in device memory, cut into this rank's batches. Shuffled, every epoch each rank takes
-    an equal, distinct shard of one permutation seeded by (seed, epoch): no image is seen twice
-    and all ranks run the same number of steps. Else rank r takes images r, r + world, ...
-    prepare(images, generator, places, n) turns a shard into model inputs, once per epoch. The
-    number of batches is a multiple of `group` (whole gradient-accumulation windows)."""
-
-    def __init__(self, images, labels, size, dtype, rank, world, device, shuffle=False, seed=0,
-                 prepare=None, group=1):
-        self.images, self.labels, self.size = images.to(device), labels.to(device), size
-        self.dtype, self.rank, self.world, self.shuffle = dtype, rank, world, shuffle
-        self.seed, self.prepare, n = seed, prepare, len(labels)
-        self.shard = n // world if shuffle else len(range(rank, n, world))
-        self.batches = math.ceil(self.shard / size) // group * group
-        if self.batches == 0:
-            raise UsageError(f"{n} images cannot fill a step of {size} x {group} x {world} ranks")
-
-    def __len__(self):
-        return self.batches
-
-    def epoch(self, epoch):
-        """This epoch's (images, labels) batches, model inputs on the device."""
-        g, n = torch.Generator().manual_seed(self.seed * 1000 + epoch), len(self.labels)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        places = torch.arange(n)[self.rank::self.world][:self.shard]  # in the epoch's permutation
-        idx = order[places].to(self.images.device)
-        x = self.prepare(self.images[idx], g, places, n) if self.prepare else self.images[idx]
-        x, y, b = x.to(self.dtype), self.labels[idx], self.size
-        return [(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(self.batches)]
-
-
-def train_batches(data, epoch):
-    """This rank's training micro-batches of one epoch, on the device."""
-    return data.train.epoch(epoch)
+        sets = rank0_first(lambda: load_mnist(args.data_dir), device)
+    # DeepSpeed's DistributedSampler pads each rank's shard to ceil(n / world) images; its loader
+    # keeps a last, smaller micro-batch. An epoch takes whole gradient-accumulation windows.
+    micro = checked.train_micro_batch_size_per_gpu
+    accumulation = checked.gradient_accumulation_steps
+    batches = math.ceil(math.ceil(len(sets[0]) / dist.get_world_size()) / micro)
+    if batches < accumulation:
+        raise UsageError(f"{len(sets[0])} images cannot fill one step of {micro} images x "
+                         f"{accumulation} accumulation x {dist.get_world_size()} ranks")
+    # Each rank its share of the test set, padded to one length so that every rank runs as many
+    # forward passes (ZeRO-3 gathers weights in each); evaluate() leaves the pads out.
+    test = DataLoader(sets[1], TEST_BATCH, sampler=DistributedSampler(sets[1], shuffle=False))
+    return SimpleNamespace(trainset=sets[0], test=test, classes=CLASSES, device=device,
+                           dtype=dtype, micro_batches=batches // accumulation * accumulation)
 
 
 def synthetic_digits(n, seed, split):
@@ -356,47 +192,55 @@ def synthetic_digits(n, seed, split):
             x[sel] = x[sel].roll((a, b), (2, 3))
     x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g))  # contrast
     x = x + 3 * torch.randn(x.shape, generator=g)  # noise of 3x the patterns' std
-    return x / 10**0.5, labels  # std sqrt(1 + 9) scaled to ~1, as MNIST's normalized pixels
+    return TensorDataset(x / 10**0.5, labels)  # std sqrt(1 + 9) scaled to ~1, as MNIST's pixels
+
+
+def rank0_first(load, device):
+    """load() on rank 0 first (it may download), then on the others; an error stops every rank."""
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = load()
+        except UsageError as e:
+            error = e
+    failed = torch.tensor([float(error is not None)], device=device)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise error or UsageError("rank 0 could not load the dataset (it says why)")
+    return result if dist.get_rank() == 0 else load()
 
 
 def load_mnist(data_dir):
-    """torchvision's MNIST as normalized float [N, 1, 28, 28] images; its files checked first."""
+    """torchvision's MNIST as normalized [N, 1, 28, 28] images. torchvision downloads what is
+    missing and checks each file's header and size; labels 0-9, one per image, are checked here."""
     from torchvision.datasets import MNIST
 
-    check_idx_files(os.path.join(data_dir, "MNIST", "raw"))
     try:
         sets = [MNIST(data_dir, train=train, download=True) for train in (True, False)]
     except Exception as e:  # noqa: BLE001 - offline, corrupt or missing files: all user-facing
-        raise UsageError(f"MNIST is not in {data_dir} (or is corrupted) and could not be "
+        raise UsageError(f"MNIST in {data_dir} is missing or corrupted and could not be "
                          f"downloaded ({first_line(e)[:80]}).\nFetch the four *-ubyte.gz files "
                          "from https://ossci-datasets.s3.amazonaws.com/mnist/ into "
                          f"{data_dir}/MNIST/raw, or use --dataset synthetic") from None
-    check_idx_files(os.path.join(data_dir, "MNIST", "raw"))  # those just downloaded, too
-    return [((s.data.unsqueeze(1).float() / 255 - 0.1307) / 0.3081, s.targets) for s in sets]
+    for s in sets:
+        if len(s.data) != len(s.targets) or s.targets.max() > 9:
+            raise UsageError(f"MNIST in {s.raw_folder} is corrupted: {len(s.data)} images, "
+                             f"{len(s.targets)} labels up to {s.targets.max()}; delete it and "
+                             "fetch it again, or use --dataset synthetic")
+    # MNIST's pixel mean and std: inputs of mean 0 and std 1, like the generated digits
+    return [TensorDataset((s.data.unsqueeze(1).float() / 255 - 0.1307) / 0.3081, s.targets)
+            for s in sets]
 
 
-def check_idx_files(raw):
-    """MNIST's IDX files promise a magic number, a count and a size, and labels 0-9; the images
-    and labels of a split must agree. A file that breaks a promise stops the run, by name."""
-    for split in ("train", "t10k"):
-        files = [f"{raw}/{split}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
-        if not all(map(os.path.isfile, files)):
-            continue  # not there yet: torchvision downloads it
-        heads = []
-        for path, magic, head, item in zip(files, (2051, 2049), (16, 8), (784, 1)):
-            with open(path, "rb") as f:
-                top = int.from_bytes(f.read(4), "big"), int.from_bytes(f.read(4), "big")
-                labels = f.read() if item == 1 else b""
-            size = head + top[1] * item
-            if top[0] != magic or os.path.getsize(path) != size or max(labels, default=0) > 9:
-                raise UsageError(f"{path} is corrupted (header, size or labels); delete it and "
-                                 "fetch MNIST again, or use --dataset synthetic")
-            heads.append(top[1])
-        if heads[0] != heads[1]:
-            raise UsageError(f"{files[0]} holds {heads[0]} images but {files[1]} {heads[1]} labels")
+def fill_schedule(cfg, args, steps_per_epoch):
+    """WarmupCosineLR and WarmupDecayLR need the run's length in optimizer steps, which depends on
+    the dataset, the epochs and this run's world size: the script fills it in."""
+    if cfg.get("scheduler", {}).get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
+        params = cfg["scheduler"].setdefault("params", {})
+        params["total_num_steps"] = total = max(1, args.epochs * steps_per_epoch)
+        params["warmup_num_steps"] = max(1, min(total, round(args.warmup_epochs * steps_per_epoch)))
 
 
-# ============================================================ model
 class CNNModelEnhanced(nn.Module):
     """conv(1->16, 5x5), pool, conv(16->32, 5x5), pool, fc(1568->128), fc(128->10)."""
 
@@ -405,8 +249,11 @@ class CNNModelEnhanced(nn.Module):
         self.conv1 = nn.Conv2d(1, 16, kernel_size=5, padding=2)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=5, padding=2)
         self.pool = nn.MaxPool2d(2)
-        self.fc1, self.fc2 = nn.Linear(32 * 7 * 7, 128), nn.Linear(128, num_classes)
-        for m in self.modules():  # Kaiming/He init for ReLU layers (fan_out)
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+        # Kaiming/He init (fan_out) for the layers a ReLU follows: it keeps the activations'
+        # scale from layer to layer, where PyTorch's default init shrinks it.
+        for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
@@ -421,22 +268,276 @@ class CNNModelEnhanced(nn.Module):
 
     classes = CLASSES  # its outputs' names, carried in model.pt; main() sets the dataset's
 
-    def get_extra_state(self):  # a tensor: DeepSpeed's ds_to_universal takes nothing else
+    def get_extra_state(self):  # a tensor, so that model.pt loads with weights_only=True
         return torch.tensor(list(json.dumps(list(self.classes)).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state):
         self.classes = json.loads(bytes(state.byte().tolist()))
 
 
-def forward_loss(model, images, labels, args):
-    """Cross-entropy on fp32 logits (the model may compute in bf16/fp16): (loss, logits)."""
-    logits = model(images).float()
-    return F.cross_entropy(logits, labels), logits
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
+    on as if the run had never stopped (the data order follows --seed and the epoch)."""
+    epoch: int = 0  # epochs completed
+    best_accuracy: float = -1.0  # the best epoch's test accuracy, % (model.pt is the last epoch)
+    best_epoch: int = 0
+    best_loss: float = math.inf  # the lowest epoch train loss, for early stopping
+    patience_used: int = 0  # epochs since the train loss last gained --min-improvement
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
+    wall_time_s: float = 0.0
+    rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
+    identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
+
+    def record(self, row, accuracy, args):
+        """Add an epoch's row; True if `accuracy` is the best so far."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        self.skipped_steps += row["skipped_steps"]
+        # Early stopping counts epochs whose train loss is not --min-improvement below the best.
+        if row["train_loss"] < self.best_loss - args.min_improvement:
+            self.patience_used = 0
+        else:
+            self.patience_used += 1
+        self.best_loss = min(self.best_loss, row["train_loss"])
+        if accuracy > self.best_accuracy:
+            self.best_accuracy = accuracy
+            self.best_epoch = self.epoch
+        return self.best_epoch == self.epoch
+
+    def stop_reason(self, args, steps):
+        """Why training ends before its last epoch, or None; from global numbers: on every rank."""
+        if 0 < args.max_steps <= steps:
+            return f"Stopping at --max-steps {args.max_steps}"
+        if self.patience_used >= args.patience and self.epoch < args.epochs:
+            return f"Early stopping: no train-loss gain for {args.patience} epochs"
+        return None
 
 
-def predict(model, images, args):
-    """Logits for evaluation."""
-    return model(images).float()
+def restore(engine, ckpt):
+    """Weights, optimizer and LR schedule through DeepSpeed; then the loop's RunState."""
+    try:
+        engine.load_checkpoint(ckpt.folder, tag=ckpt.tag, load_lr_scheduler_states=True)
+    except Exception as e:  # noqa: BLE001 - a truncated shard, another model: user-facing
+        raise UsageError(f"--resume: cannot load {ckpt.folder}/{ckpt.tag}: {first_line(e)}"
+                         ) from None
+    run = RunState(**ckpt.state["run"])
+    torch.set_rng_state(run.rng["cpu"])
+    get_accelerator().set_rng_state(run.rng["device"])
+    say(f"Resumed {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
+    return run
+
+
+def print_banner(args, cfg, dtype, engine, data, model):
+    """What this run is, with the sizes derived for this world size."""
+    world = dist.get_world_size()
+    steps = data.micro_batches // engine.gradient_accumulation_steps()
+    sched = cfg.get("scheduler", {})
+    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}",
+        f"Data     : {args.dataset}, {len(data.trainset):,} train / {len(data.test.dataset):,} "
+        "test images, 1x28x28",
+        f"Model    : CNNModelEnhanced, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{dtype}, ZeRO stage {engine.zero_optimization_stage()}, {engine.device.type} x {world}",
+        f"Batch    : {engine.train_micro_batch_size_per_gpu()} per rank x "
+        f"{engine.gradient_accumulation_steps()} accumulation x {world} ranks = "
+        f"{engine.train_batch_size()}; {steps} steps/epoch, {steps * args.epochs} in all",
+        f"Schedule : {cfg['optimizer']['type']} lr {cfg['optimizer']['params']['lr']}, "
+        f"{sched.get('type', 'constant')} {json.dumps(sched.get('params', {}))}",
+        f"Stopping : after {args.patience} epochs without a train-loss gain of "
+        f"{args.min_improvement:g}, or {args.max_bad_steps} non-finite steps in a row",
+        f"Output   : {os.path.abspath(args.output_dir)}", "=" * 80)
+
+
+def init_wandb(args, cfg):
+    """Weights & Biases when asked for (rank 0 only); a failure only costs the logging."""
+    if not (args.wandb or os.environ.get("WANDB_API_KEY")) or dist.get_rank() != 0:
+        return None
+    try:
+        import wandb
+
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))  # W&B's own variable
+        return wandb.init(project="deepspeed-cnn-examples", name=EXAMPLE,
+                          config={"ds_config": cfg, **vars(args)},
+                          settings=wandb.Settings(init_timeout=timeout, silent=True))
+    except Exception as e:  # noqa: BLE001 - no network, a bad key, not installed
+        say(f"warning: Weights & Biases disabled ({first_line(e)[:150]})")
+        return None
+
+
+def train_one_epoch(engine, data, run, args, wandb_run):
+    """One pass over this rank's shard. Loss, hits, grad norm, images and steps are summed on the
+    device, and read (summed over ranks) only for a log line and at the epoch's end."""
+    start = time.time()
+    window = torch.zeros(5, device=data.device)  # loss x images, hits, norm, images, steps
+    line = torch.zeros(5, device=data.device)  # the same since the last log line
+    total = torch.zeros(5, device=data.device)  # and in the whole epoch
+    accumulation = engine.gradient_accumulation_steps()
+    skipped = 0
+    in_a_row = 0  # steps skipped since the last one applied
+    line_start = start
+    for i, (x, y) in enumerate(train_batches(data, run.epoch)):
+        # The window's end is counted here, not by the engine: a step skipped in fp32 never
+        # reaches engine.step() (optimizer_step), which would shift every later window.
+        boundary = i % accumulation == accumulation - 1
+        engine.set_gradient_accumulation_boundary(boundary)
+        logits = engine(x).float()  # fp32 logits for the loss, whatever the precision
+        loss = F.cross_entropy(logits, y)
+        engine.backward(loss)  # gradients averaged over ranks, divided by the accumulation steps
+        window[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
+        window[3] += len(y)
+        if not boundary:
+            engine.step()  # no update yet: DeepSpeed accumulates the gradients
+            continue
+        norm = optimizer_step(engine)
+        if norm is None:  # skipped on every rank alike: its images are not counted
+            skipped += 1
+            in_a_row += 1
+        else:
+            window[2] += norm
+            window[4] += 1
+            line += window
+            total += window
+            in_a_row = 0
+        window.zero_()
+        if in_a_row >= args.max_bad_steps:
+            raise TrainingDiverged(
+                f"training diverged: {in_a_row} non-finite steps in a row in epoch "
+                f"{run.epoch + 1}.\n  check: the data for NaN/Inf, a lower learning rate, "
+                "gradient_clipping > 0, --dtype fp32 or bf16")
+        if norm is not None and engine.global_steps % args.log_interval == 0:
+            log_step(engine, run, line, time.time() - line_start, wandb_run)
+            line.zero_()
+            line_start = time.time()
+        if 0 < args.max_steps <= engine.global_steps:
+            break
+    loss, acc, norm, images = global_means(total)
+    seconds = time.time() - start
+    return {"train_loss": loss, "train_accuracy": acc, "grad_norm": norm, "skipped_steps": skipped,
+            "train_images": images, "epoch_time_s": seconds, "images_per_s": images / seconds}
+
+
+def train_batches(data, epoch):
+    """This rank's training micro-batches of one epoch, from DeepSpeed's loader to the device."""
+    data.loader.data_sampler.set_epoch(epoch)  # DeepSpeed never calls it: every epoch, one order
+    try:
+        for x, y in itertools.islice(data.loader, data.micro_batches):  # whole accumulation windows
+            yield x.to(data.device, data.dtype), y.to(data.device)
+    finally:
+        stop_loader_workers(data.loader)
+
+
+def optimizer_step(engine):
+    """The update that ends an accumulation window: the global gradient norm, or None where the
+    step was skipped for non-finite gradients, alike on every rank (they are all-reduced).
+    DeepSpeed skips such a step itself under fp16, bf16 and ZeRO; fp32 without ZeRO would apply
+    it, so there the script takes the norm and skips the step itself."""
+    norm = None
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)  # DeepSpeed reports none in fp32 without ZeRO
+        if not torch.isfinite(norm):  # one host read a step, on this path only
+            engine.zero_grad()
+            return None
+    skipped = engine.skipped_steps
+    engine.step()  # also steps the LR schedule and zeroes the gradients
+    if engine.skipped_steps != skipped:
+        return None
+    if norm is None:
+        return engine.get_global_grad_norm()
+    return norm
+
+
+def log_step(engine, run, sums, seconds, wandb_run):
+    """The step line: means over all ranks since the last one; to W&B as well when it is on."""
+    loss, acc, norm, images = global_means(sums)
+    lr = engine.get_lr()[0]
+    say(f"  step {engine.global_steps:6d} | epoch {run.epoch + 1:3d} | loss {loss:.4f} | acc "
+        f"{acc:6.2f}% | grad norm {norm:.4f} | lr {lr:.3e} | {images / seconds:,.0f} img/s")
+    if wandb_run:
+        wandb_run.log({"train/loss": loss, "train/accuracy": acc, "train/grad_norm": norm,
+                       "train/lr": lr}, step=engine.global_samples)
+
+
+def global_means(sums):
+    """(loss, accuracy %, grad norm, images) over all ranks, from this rank's sums over the steps
+    applied; NaN where every step was skipped."""
+    total = sums.double()
+    dist.all_reduce(total)
+    loss, hits, norm, images, steps = total.tolist()
+    if steps == 0:
+        return math.nan, math.nan, math.nan, 0
+    return loss / images, 100 * hits / images, norm / steps, int(images)
+
+
+@torch.no_grad()
+def evaluate(engine, data):
+    """Loss and accuracy (%) over the whole test set, each rank taking its share."""
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=data.device)  # loss, hits, images
+    sampler = data.test.sampler  # it pads every rank's share to one length with the first images
+    places = torch.arange(sampler.rank, sampler.total_size, sampler.num_replicas)
+    real = (places < len(data.test.dataset)).to(data.device)
+    for i, (x, y) in enumerate(data.test):
+        keep = real[i * TEST_BATCH:][:len(y)]
+        y = y.to(data.device)
+        logits = engine(x.to(data.device, data.dtype)).float()
+        sums[0] += (F.cross_entropy(logits, y, reduction="none") * keep).sum()
+        sums[1] += ((logits.argmax(1) == y) & keep).sum()
+        sums[2] += keep.sum()
+    dist.all_reduce(sums)
+    engine.train()
+    loss, hits, images = sums.tolist()
+    return {"test_loss": loss / images, "test_accuracy": 100 * hits / images,
+            "test_images": int(images)}
+
+
+def on_plateau(history, epochs):
+    """A loss plateau: in each of the last `epochs` epochs the train loss stayed within PLATEAU
+    (relative) of the loss of the epoch before them. A notice, not a stop: the learning rate or
+    the model has stopped paying, and early stopping (--patience) may follow. 0 epochs: off."""
+    if epochs == 0 or len(history) <= epochs:
+        return False
+    before = history[-1 - epochs]["train_loss"]
+    return all(abs(h["train_loss"] - before) < PLATEAU * before for h in history[-epochs:])
+
+
+def print_epoch(row, args, best):
+    """The epoch's line; `best` marks the best test accuracy so far, `plateau` a loss plateau."""
+    marks = ""
+    if best:
+        marks += " | best"
+    if row["plateau"]:
+        marks += f" | plateau: train loss within {PLATEAU:.0%} for {args.plateau_epochs} epochs"
+    say(f"epoch {row['epoch']:3d}/{args.epochs} | train loss {row['train_loss']:.4f} acc "
+        f"{row['train_accuracy']:6.2f}% | test loss {row['test_loss']:.4f} acc "
+        f"{row['test_accuracy']:6.2f}% | grad norm {row['grad_norm']:.4f} | lr {row['lr']:.3e} "
+        f"| skipped {row['skipped_steps']} | {row['images_per_s']:,.0f} img/s{marks}")
+
+
+def save_epoch(engine, run, args, cfg):
+    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank) and the plain weights.
+    Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save leaves the previous
+    checkpoint in force) and metrics.json; only the latest and best epochs are kept."""
+    ckpt = f"{args.output_dir}/checkpoints"
+    tag = f"epoch{run.epoch:04d}"
+    run.rng = {"cpu": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
+    weights = plain_weights(engine)  # a collective under ZeRO-3
+    if dist.get_rank() == 0:
+        atomic_write(f"{args.output_dir}/model.pt", lambda tmp: torch.save(weights, tmp))
+    try:
+        engine.save_checkpoint(ckpt, tag=tag, client_state={"example": EXAMPLE, "run": asdict(run)},
+                               save_latest=False)
+    except (OSError, RuntimeError) as e:  # a full disk: `latest` still names the previous epoch
+        raise UsageError(f"cannot write checkpoint {ckpt}/{tag}: {first_line(e)} (disk full? free "
+                         "some space or choose another --output-dir)") from None
+    if dist.get_rank() == 0:
+        atomic_write(f"{ckpt}/latest", lambda tmp: open(tmp, "w").write(tag))
+        for old in os.listdir(ckpt):
+            if old.startswith("epoch") and old not in (tag, f"epoch{run.best_epoch:04d}"):
+                shutil.rmtree(f"{ckpt}/{old}", ignore_errors=True)
+        write_metrics(args, cfg, run)
+        settle_set_aside(args.output_dir)  # the run --overwrite replaces goes now
 
 
 def plain_weights(engine):
@@ -452,416 +553,47 @@ def plain_weights(engine):
     return {**state, **{k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}}
 
 
-# ============================================================ training
-@dataclass
-class RunState:
-    """What a checkpoint carries besides weights, optimizer and LR schedule, so that --resume goes
-    on as if the run had never stopped (the data order follows seed and epoch)."""
-    epoch: int = 0  # epochs completed
-    best_accuracy: float = -1.0  # the best epoch's accuracy (model.pt is the last epoch)
-    best_epoch: int = 0
-    best_loss: float = math.inf  # lowest epoch train loss, for early stopping
-    patience_used: int = 0  # epochs since the train loss last gained --min-improvement
-    skipped_steps: int = 0  # non-finite steps skipped so far
-    history: list = field(default_factory=list)  # metrics.json's rows, one per epoch
-    wall_time_s: float = 0.0
-    rng: dict = field(default_factory=dict)  # torch's random states, for models that draw
-    identity: dict = field(default_factory=dict)  # dataset, data, seed, model, flags given
-
-    def record(self, row, accuracy, args):
-        """Add an epoch's row; True if `accuracy` is the best so far."""
-        self.history.append(row)
-        self.epoch, self.skipped_steps = row["epoch"], self.skipped_steps + row["skipped_steps"]
-        gained = row["train_loss"] < self.best_loss - args.min_improvement
-        self.patience_used = 0 if gained else self.patience_used + 1
-        self.best_loss = min(self.best_loss, row["train_loss"])
-        if accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = accuracy, self.epoch
-        return self.best_epoch == self.epoch
-
-    def stop_reason(self, args, steps):
-        """Why training ends before its last epoch, or None; from global numbers: on every rank."""
-        if 0 < args.max_steps <= steps:
-            return f"Stopping at --max-steps {args.max_steps}"
-        if self.patience_used >= args.patience and self.epoch < args.epochs:
-            return f"Early stopping: no train-loss gain for {args.patience} epochs"
-        return None
-
-
-class TrainingDiverged(Exception):
-    """Too many non-finite steps in a row: a diagnosis on stderr and exit code 3."""
-
-
-def train_one_epoch(engine, data, run, args, own_clip):
-    """One pass over this rank's shard. Sums of loss x images, hits and grad norms stay on the
-    device, read (and summed over ranks) only for a log line and at the epoch's end."""
-    gas, dev, start = engine.gradient_accumulation_steps(), engine.device, time.time()
-    sums, window = torch.zeros(2, 3, device=dev), torch.zeros(3, device=dev)  # [line, epoch]
-    images, steps, skipped, bad_in_a_row, t0 = [0, 0, 0], [0, 0], 0, 0, start  # window, line, epoch
-    for i, (x, y) in enumerate(train_batches(data, run.epoch)):
-        boundary = i % gas == gas - 1  # counted here, so that a skipped step cannot shift windows
-        engine.set_gradient_accumulation_boundary(boundary)
-        loss, logits = forward_loss(engine, x, y, args)
-        with reduce_unless_alone(engine):
-            engine.backward(loss)
-        window[:2] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
-        images[0] += len(y)
-        if not boundary:
-            engine.step()  # no update yet: DeepSpeed accumulates the gradients
-            continue
-        window[2], ok = optimizer_step(engine, own_clip)
-        if ok:
-            sums += window
-            images = [0, images[1] + images[0], images[2] + images[0]]
-            steps, bad_in_a_row = [steps[0] + 1, steps[1] + 1], 0
-        else:
-            images[0], skipped, bad_in_a_row = 0, skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row >= args.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} non-finite steps in a row in epoch "
-                                       f"{run.epoch + 1}")
-        window.zero_()
-        if ok and engine.global_steps % args.log_interval == 0:
-            loss_, acc, norm = global_means(sums[0], images[1], steps[0])
-            say(f"  step {engine.global_steps:6d} | epoch {run.epoch + 1:3d} | loss {loss_:.4f} | "
-                f"acc {acc:6.2f}% | grad norm {norm:.4f} | lr {engine.get_lr()[0]:.3e} | "
-                f"{images[1] * dist.get_world_size() / (time.time() - t0):,.0f} img/s")
-            record(engine, "Train", {"train_loss": loss_, "train_accuracy": acc, "grad_norm": norm})
-            sums[0].zero_()
-            images[1], steps[0], t0 = 0, 0, time.time()
-        if 0 < args.max_steps <= engine.global_steps:
-            break
-    loss, acc, norm = global_means(sums[1], images[2], steps[1])
-    n, seconds = images[2] * dist.get_world_size(), time.time() - start
-    return {"train_loss": loss, "train_accuracy": acc, "grad_norm": norm, "skipped_steps": skipped,
-            "train_images": n, "epoch_time_s": seconds, "images_per_s": n / seconds}
-
-
-def optimizer_step(engine, own_clip):
-    """The update that ends an accumulation window: (grad norm, applied). A step with non-finite
-    gradients is skipped, the same way on every rank."""
-    norm = 0.0
-    if own_clip is not None:  # fp32 without ZeRO: the script checks and clips (load_config)
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)  # the gradients are all-reduced already
-        if not torch.isfinite(norm):  # the one per-step host read, on this path only
-            engine.zero_grad()
-            return 0.0, False
-        if own_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), own_clip, norm)
-    skipped = engine.skipped_steps
-    engine.step()
-    if engine.skipped_steps != skipped:  # DeepSpeed found non-finite gradients itself
-        return 0.0, False
-    return (engine.get_global_grad_norm() if own_clip is None else norm), True
-
-
-def global_means(sums, images, steps):
-    """(loss, accuracy %, grad norm) over all ranks from this rank's sums; shards are equal."""
-    total, world = sums.double(), dist.get_world_size()
-    dist.all_reduce(total)
-    loss, hits, norm = total.tolist()
-    n = max(images * world, 1)
-    return loss / n, 100 * hits / n, norm / max(steps * world, 1)
-
-
-@torch.no_grad()
-def evaluate(engine, batches, classes, args):
-    """Global loss, accuracy and per-class accuracy (%) over the rank-sharded images."""
-    engine.eval()
-    k = len(classes)
-    sums = torch.zeros(1 + 2 * k, dtype=torch.float64, device=engine.device)
-    for x, y in batches.epoch(0):
-        logits = predict(engine, x, args)
-        sums[0] += F.cross_entropy(logits, y, reduction="sum")
-        sums[1:1 + k].index_add_(0, y, (logits.argmax(1) == y).double())
-        sums[1 + k:].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-    dist.all_reduce(sums)
-    engine.train()
-    hits, seen = sums[1:1 + k], sums[1 + k:]
-    n = seen.sum().item()
-    return {"loss": sums[0].item() / n, "accuracy": 100 * hits.sum().item() / n, "images": int(n),
-            "per_class": (100 * hits / seen.clamp(min=1)).tolist()}
-
-
-# ============================================================ checkpoints and outputs
-RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "monitor", "curves.png")  # a run's own
-OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
-
-
-def check_output_dir(args):
-    """Never replace a run silently, and check that --output-dir can be written before anything
-    slow starts. Rank 0 claims the directory first, so that two runs cannot both pass; --overwrite
-    sets the old run aside in .replaced/ (settle_set_aside). A run that wrote nothing leaves
-    nothing behind (release_output_dir)."""
-    out = args.output_dir
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-        raise UsageError(f"cannot write to --output-dir {out}: {parent} is no writable directory")
-    rank0 = os.environ.get("RANK", "0") == "0"
-    if rank0:
-        claim_output_dir(out)
-        settle_set_aside(out)  # a run killed while it replaced this one
-    held = [f for f in ("metrics.json", "model.pt", "checkpoints") if os.path.exists(f"{out}/{f}")]
-    same = args.resume is not None and os.path.realpath(args.resume or out) in (
-        os.path.realpath(out), os.path.realpath(f"{out}/checkpoints"))
-    if held and not (args.overwrite or same):
-        raise UsageError(f"--output-dir {out} already holds a run ({', '.join(held)}).\nAdd "
-                         "--resume to continue it, --overwrite to replace it, or choose another")
-    old = [f for f in RUN_FILES if os.path.exists(f"{out}/{f}")]  # monitor/: csv rows would append
-    if old and args.overwrite and rank0:  # gathered, then renamed: a kill -9 never splits them
-        os.mkdir(f"{out}/.moving")
-        for f in old:
-            os.rename(f"{out}/{f}", f"{out}/.moving/{f}")
-        os.rename(f"{out}/.moving", f"{out}/.replaced")
-
-
-def claim_output_dir(out):
-    """Hold --output-dir while this run runs: an flock on a file in it, which the kernel drops
-    however the process ends, kill -9 included. A second run is refused, naming the holder."""
-    made = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(f"{out}/.lock", os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        time.sleep(0.1)  # the holder writes its pid just after it locks
-        holder = os.pread(fd, 200, 0).decode()
-        os.close(fd)
-        raise UsageError(f"--output-dir {out} is in use by another run ({holder}); wait for it "
-                         "to end, or choose another --output-dir") from None
-    if os.fstat(fd).st_nlink == 0:  # its last holder removed it as we opened it: a new one
-        os.close(fd)
-        return claim_output_dir(out)
-    holder = f"pid {os.getpid()} on {socket.gethostname()}".encode()
-    os.pwrite(fd, holder, 0)
-    os.ftruncate(fd, len(holder))
-    OWNED.update(fd=fd, made=made)
-
-
-def settle_set_aside(out):
-    """Finish what --overwrite began: the old run in .replaced/ goes once the new run has saved a
-    checkpoint, else it is put back (the new run failed or was killed before its first). What
-    .moving/ holds is on its way, with nothing of the new run in its place."""
-    if os.path.isdir(f"{out}/.replaced") and os.path.isfile(f"{out}/checkpoints/latest"):
-        shutil.rmtree(f"{out}/.replaced")
-    elif os.path.isdir(f"{out}/.replaced"):
-        for new in (f"{out}/{f}" for f in RUN_FILES):  # the failed run's
-            if os.path.isdir(new):
-                shutil.rmtree(new)
-            elif os.path.exists(new):
-                os.remove(new)
-        os.rename(f"{out}/.replaced", f"{out}/.moving")
-    if os.path.isdir(f"{out}/.moving"):
-        for f in os.listdir(f"{out}/.moving"):
-            os.rename(f"{out}/.moving/{f}", f"{out}/{f}")
-        os.rmdir(f"{out}/.moving")
-        say(f"notice: {out}: the run that --overwrite was replacing is back (the new run saved no "
-            "checkpoint)")
-
-
-def release_output_dir(args):
-    """Rank 0, at the end of every run: settle --overwrite's old run, then give the directory up
-    (the file goes first, so that a run waiting on it takes a new one) and remove it if this run
-    made it and left it empty."""
-    if "fd" not in OWNED:
-        return
-    settle_set_aside(args.output_dir)
-    os.remove(f"{args.output_dir}/.lock")
-    os.close(OWNED.pop("fd"))
-    if OWNED.pop("made"):
-        with contextlib.suppress(OSError):  # not empty
-            os.rmdir(args.output_dir)
-
-
-def read_checkpoint(args, model_class):
-    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
-    again come from it; another dataset, data, seed or model needs --allow-changes."""
-    d = args.resume or args.output_dir
-    folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
-    if not os.path.isfile(f"{folder}/latest"):
-        raise UsageError(f"--resume: no checkpoint in {d} (no {folder}/latest)")
-    with open(f"{folder}/latest") as f:
-        tag = f.read().strip()
-    files = sorted(glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_.*
-    try:  # DeepSpeed's own file: the model, its config and counters, and the RunState
-        state = torch.load(files[0], weights_only=False)
-    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
-        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
-    example = state.get("example") if isinstance(state, dict) else None
-    if example != EXAMPLE:
-        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
-    was = state.get("run", {}).get("identity")
-    if not was and not args.allow_changes:
-        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
-                         "flags (an older script wrote it); --allow-changes resumes it as told")
-    if was:
-        take_flags(args, was["args"])
-        now = identity(args, model_class)
-        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
-                   if was[k] != now[k]]
-        if changed and not args.allow_changes:
-            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
-                             "(checkpoint -> this command); leave such flags out to continue "
-                             "it, or add --allow-changes if the change is meant")
-    if state.get("run", {}).get("epoch", 0) >= args.epochs:
-        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
-                         "--epochs to train on")
-    return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
-
-
-def take_flags(args, given):
-    """The flags the checkpoint's run was given, where this command does not give them again;
-    where to write, when to stop early and what to resume are this command's own."""
-    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
-    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
-    vars(args).update(taken)
-    args.given.update(taken)
-    if taken:
-        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
-
-
-def identity(args, model_class):
-    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
-    seed or model, and takes the flags ("args") the user gave where they are not given again."""
-    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
-            "model": model_class.__name__, "args": args.given}
-
-
-def data_fingerprint(args):
-    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
-    from the start, middle and end of 256 of them at most. Generated data: --seed and its size."""
-    if args.dataset == "synthetic":
-        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
-    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
-                   if not f.startswith("."))  # not the decoded-image caches
-    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
-    digest = hashlib.sha256(repr(listing).encode())
-    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
-        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
-            for at in (0, size // 2, max(0, size - 4096)):
-                f.seek(at)
-                digest.update(f.read(4096))
-    return f"{len(files)} files, {digest.hexdigest()[:12]}"
-
-
-def fit_to_checkpoint(cfg, ckpt, world):
-    """Resume as the checkpoint's run went on: with its global batch where gradient accumulation can
-    make up for another number of ranks (else say what changes), and a ZeRO checkpoint, whose
-    optimizer state is split by rank, read in DeepSpeed's universal form on another count."""
-    old = ckpt.state["ds_config"]
-    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-    was = [old.get(keys[0]), old.get(keys[1], 1), ckpt.state["dp_world_size"]]
-    ckpt.global_batch = math.prod(was)
-    if ckpt.global_batch % (cfg[keys[0]] * world) == 0:
-        cfg[keys[1]] = ckpt.global_batch // (cfg[keys[0]] * world)
-    now = [cfg[keys[0]], cfg[keys[1]], world]
-    if now != was:
-        say(f"notice: the checkpoint's micro batch x accumulation x ranks was "
-            f"{' x '.join(map(str, was))}, this run's is {' x '.join(map(str, now))}: "
-            + ("the same global batch" if math.prod(now) == ckpt.global_batch else
-               f"the global batch changes from {ckpt.global_batch} to {math.prod(now)}"))
-    if was[2] != world and old.get("zero_optimization", {}).get("stage", 0) > 0:
-        refuse_what_ds_to_universal_cannot_convert(ckpt, old, world)
-        cfg["checkpoint"], ckpt.universal = {"load_universal": True}, True
-
-
-def restore(engine, ckpt):
-    """Weights, optimizer and LR schedule through DeepSpeed; then the loop's RunState."""
-    if ckpt.universal:  # rank 0 converts it once, beside the original; then every rank reads it
-        if dist.get_rank() == 0 and not os.path.isdir(f"{ckpt.folder}/{ckpt.tag}_universal"):
-            say(f"Converting : {ckpt.folder}/{ckpt.tag} to DeepSpeed's universal checkpoint")
-            to_universal(f"{ckpt.folder}/{ckpt.tag}", f"{ckpt.folder}/{ckpt.tag}_universal")
-        dist.barrier()
-        ckpt.tag += "_universal"
-    try:
-        engine.load_checkpoint(ckpt.folder, tag=ckpt.tag, load_lr_scheduler_states=True)
-    except Exception as e:  # noqa: BLE001 - a truncated shard, another model: user-facing
-        raise UsageError(f"--resume: cannot load {ckpt.folder}/{ckpt.tag}: {first_line(e)}"
-                         ) from None
-    if engine.train_batch_size() != ckpt.global_batch and engine.lr_scheduler:  # the schedule
-        samples = ckpt.state["global_samples"]  # goes on from the samples seen, not the steps
-        engine.lr_scheduler.last_batch_iteration = samples // engine.train_batch_size() - 1
-    run = RunState(**ckpt.state["run"])
-    torch.set_rng_state(run.rng["cpu"])
-    get_accelerator().set_rng_state(run.rng["device"])
-    monitor_resumes_at(engine, ckpt.state["global_samples"])
-    say(f"Resumed    : {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
-    return run
-
-
-def to_universal(src, dst):
-    """DeepSpeed's universal checkpoint of `src`: what `python -m deepspeed.checkpoint.
-    ds_to_universal --input_folder SRC --output_folder DST --inject_missing_state` writes (these
-    models need the last flag); into a temporary folder first, then renamed."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    tmp = f"{dst}.tmp{os.getpid()}"
-    opts = SimpleNamespace(input_folder=src, output_folder=tmp, num_extract_workers=1, strict=True,
-                           num_merge_workers=1, keep_temp_folder=False, inject_missing_state=True)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        with contextlib.redirect_stderr(quiet):  # its progress bars
-            ds_to_universal.main(opts)
-    os.replace(tmp, dst)
-
-
-def save_epoch(engine, run, args, cfg, own_clip, write_model):
-    """Every rank: the DeepSpeed checkpoint (ZeRO writes a shard per rank), and the plain weights
-    where write_model. Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save
-    leaves the previous checkpoint in force) and metrics.json; only the latest and best epochs'
-    checkpoints are kept."""
-    ckpt, tag = f"{args.output_dir}/checkpoints", f"epoch{run.epoch:04d}"
-    run.rng = {"cpu": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
-    weights = plain_weights(engine) if write_model else None  # a collective under ZeRO-3
-    if weights and dist.get_rank() == 0:
-        atomic_write(f"{args.output_dir}/model.pt", lambda tmp: torch.save(weights, tmp))
-    try:
-        engine.save_checkpoint(ckpt, tag=tag, client_state={"example": EXAMPLE, "run": asdict(run)},
-                               save_latest=False)
-    except (OSError, RuntimeError) as e:  # a full disk: `latest` still names the previous epoch
-        raise UsageError(f"cannot write checkpoint {ckpt}/{tag}: {first_line(e)} (disk full? free "
-                         "some space or choose another --output-dir)") from None
-    if dist.get_rank() == 0:
-        atomic_write(f"{ckpt}/latest", lambda tmp: open(tmp, "w").write(tag))
-        for old in os.listdir(ckpt):
-            if old.startswith("epoch") and old not in (tag, f"epoch{run.best_epoch:04d}"):
-                shutil.rmtree(f"{ckpt}/{old}", ignore_errors=True)
-        write_metrics(args, cfg, own_clip, run)
-        settle_set_aside(args.output_dir)  # the run --overwrite replaces goes now
-
-
-def atomic_write(path, write):
-    """write(tmp), then rename tmp to `path`: a crash never leaves a half-written file there."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        raise UsageError(f"cannot write {path}: {first_line(e)} (disk full? free some space or "
-                         "choose another --output-dir)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_metrics(args, cfg, own_clip, run, final=None):
+def write_metrics(args, cfg, run, final=None):
     doc = {"example": EXAMPLE, "world_size": dist.get_world_size(), "config": cfg,
-           "gradient_clipping_by_script": own_clip, "epochs": run.history, "final": final,
+           "epochs": run.history, "final": final,
            "args": {k: v for k, v in vars(args).items() if k != "local_rank"}}
     atomic_write(f"{args.output_dir}/metrics.json", lambda t: open(t, "w").write(json.dumps(doc)))
 
 
-def record(engine, group, values, wandb_run=None):
-    """Metrics for DeepSpeed's monitors (csv, TensorBoard: on when the config enables them), indexed
-    by samples seen like DeepSpeed's own rows, and for W&B."""
-    if engine.monitor.enabled:
-        engine.monitor.write_events([(f"{group}/Samples/{k}", v, engine.global_samples)
-                                     for k, v in values.items()])
+def report(run, args, cfg, classes, wandb_run):
+    """The final summary, rated on held-out test accuracy, with train accuracy beside it."""
+    last = run.history[-1]
+    tier, meaning = quality(last["test_accuracy"])
+    final = {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
+             "best_test_accuracy": run.best_accuracy, "best_epoch": run.best_epoch,
+             "quality": tier, "epochs_completed": run.epoch,
+             "stopped_early": run.epoch < args.epochs and run.patience_used >= args.patience,
+             "plateau_epochs": [row["epoch"] for row in run.history if row["plateau"]],
+             "skipped_steps": run.skipped_steps, "wall_time_s": run.wall_time_s,
+             "classes": classes}
+    if dist.get_rank() != 0:
+        return
+    write_metrics(args, cfg, run, final)
+    saved = "model.pt, metrics.json, curves.png"
+    if not plot_curves(run.history, f"{args.output_dir}/curves.png"):
+        saved = "model.pt, metrics.json (pip install matplotlib for curves.png)"
+    say("=" * 80, f"Training finished: {run.epoch} epochs, {run.wall_time_s:.1f}s wall",
+        f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
+        f"  train accuracy {last['train_accuracy']:.2f}%",
+        f"  test accuracy  {last['test_accuracy']:.2f}% (best {run.best_accuracy:.2f}% in epoch "
+        f"{run.best_epoch})",
+        f"Quality (held-out test accuracy): {tier}: {meaning}",
+        f"Saved: {args.output_dir}/{saved}")
     if wandb_run:
-        wandb_run.log({f"{group}/{k}": v for k, v in values.items()}, step=engine.global_samples)
+        wandb_run.summary.update(final)
+        wandb_run.finish()
+
+
+def quality(accuracy):
+    for floor, tier in ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor")):
+        if accuracy >= floor:
+            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
+                          else "under 50% right: train longer or revisit the learning rate")
 
 
 def plot_curves(history, path):
@@ -888,166 +620,296 @@ def plot_curves(history, path):
     return True
 
 
-def init_wandb(args, cfg):
-    """Weights & Biases when asked for (rank 0 only); a failure only costs the logging."""
-    if not (args.wandb or os.environ.get("WANDB_API_KEY")) or dist.get_rank() != 0:
-        return None
+# ======================================== plumbing: inputs, --resume, --output-dir, stopping
+def parse_args(argv=None):
+    p = Parser(description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--epochs", type=int, default=50, help="epochs; the LR schedule spans them")
+    add("--warmup-epochs", type=float, default=5, help="linear LR warmup, in epochs")
+    add("--dataset", choices=["synthetic", "mnist"], default="synthetic",
+        help="synthetic: generated from --seed, offline; mnist: torchvision's, in --data-dir")
+    add("--data-dir", default="./data", help="where the dataset is read or downloaded")
+    add("--output-dir", default=f"runs/{EXAMPLE}", help="checkpoints, model.pt, metrics.json")
+    again = p.add_mutually_exclusive_group()  # a run in --output-dir: continue it, or replace it
+    again.add_argument("--resume", nargs="?", const="", metavar="DIR",
+                       help="continue the run in DIR (default: --output-dir)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output-dir")
+    add("--allow-changes", action="store_true",
+        help="--resume with another dataset, data, seed or model than the checkpoint's")
+    add("--seed", type=int, default=42, help="init, data order and synthetic data")
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: the config's precision")
+    add("--patience", type=int, default=15, help="epochs without a train-loss gain, then stop")
+    add("--min-improvement", type=float, default=1e-5, help="the train-loss gain that counts")
+    add("--plateau-epochs", type=int, default=3,
+        help="epochs of < 1%% train-loss change that the epoch line calls a plateau (0: off)")
+    add("--max-bad-steps", type=int, default=100, help="non-finite steps in a row that end the run")
+    add("--log-interval", type=int, default=50, help="optimizer steps between step lines")
+    add("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    add("--wandb", action="store_true", help="log to W&B (also on when WANDB_API_KEY is set)")
+    add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
+    args = deepspeed.add_config_arguments(p).parse_args(argv)  # --deepspeed, --deepspeed_config
+    # The flags given on the command line: --resume takes the others from the checkpoint.
+    unset = object()  # argparse fills in a default only where the namespace has no value
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    args.given = {k: v for k, v in vars(given).items() if v is not unset and k != "local_rank"}
+    args.deepspeed_config = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
+    for name, low in (("epochs", 1), ("warmup_epochs", 0), ("patience", 1), ("min_improvement", 0),
+                      ("plateau_epochs", 0), ("max_bad_steps", 1), ("log_interval", 1),
+                      ("max_steps", 0)):
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, "
+                             f"not {getattr(args, name)}")
+    return args
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage text
+        raise UsageError(f"{message} (see --help)")
+
+
+def read_checkpoint(args, model_class):
+    """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
+    again come from it; another dataset, data, seed or model needs --allow-changes."""
+    folder = f"{args.resume or args.output_dir}/checkpoints"
+    if not os.path.isfile(f"{folder}/latest"):
+        raise UsageError(f"--resume: no checkpoint in {folder} (no `latest` file)")
+    with open(f"{folder}/latest") as f:
+        tag = f.read().strip()
+    files = glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt")  # ZeRO-3: zero_pp_rank_0_...
+    try:  # DeepSpeed's own file: its config and counters, and our client_state
+        state = torch.load(files[0], weights_only=False)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
+        raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
+    if not isinstance(state, dict) or state.get("example") != EXAMPLE:
+        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE}")
+    was = state["run"].get("identity")
+    if not was and not args.allow_changes:
+        raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
+                         "flags (an older script wrote it); --allow-changes resumes it as told")
+    if was:
+        take_flags(args, was["args"])
+        now = identity(args, model_class)
+        changed = [f"{k} {was[k]} -> {now[k]}" for k in ("dataset", "data", "seed", "model")
+                   if was[k] != now[k]]
+        if changed and not args.allow_changes:
+            raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
+                             "(checkpoint -> this command); leave such flags out to continue "
+                             "it, or add --allow-changes if the change is meant")
+    if state["run"]["epoch"] >= args.epochs:
+        raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
+                         "--epochs to train on")
+    # Under ZeRO each rank holds its part of the optimizer state: it resumes on as many ranks.
+    stage = state["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    ranks = state["dp_world_size"]
+    if stage > 0 and ranks != int(os.environ.get("WORLD_SIZE", 1)):
+        kind = state["ds_config"]["optimizer"]["type"]
+        raise UsageError(f"--resume: {folder}/{tag} is {kind} under ZeRO stage {stage} on {ranks} "
+                         f"ranks: resume on {ranks} ranks (02_cifar10 converts an Adam/AdamW one "
+                         "for another count with ds_to_universal)")
+    return SimpleNamespace(folder=folder, tag=tag, state=state)
+
+
+def take_flags(args, given):
+    """The flags the checkpoint's run was given, where this command does not give them again;
+    where to write, when to stop and what to resume are this command's own."""
+    own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
+    taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
+    vars(args).update(taken)
+    args.given.update(taken)
+    if taken:
+        say("Flags from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
+
+
+def identity(args, model_class):
+    """What makes a run this run, saved in its checkpoints: the dataset and a fingerprint of its
+    files, the seed, the model, and the flags the user gave ("args")."""
+    return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
+            "model": model_class.__name__, "args": args.given}
+
+
+def data_fingerprint(args):
+    """The dataset's files, cheaply: their paths under --data-dir (which may move), sizes, and 4 KB
+    from the start, middle and end of 256 of them at most. Generated data: its size."""
+    if args.dataset == "synthetic":
+        return f"generated, size {vars(args).get('synthetic_size', 'fixed')}"
+    root = os.path.join(args.data_dir, DATA_FILES[args.dataset])
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names)
+    listing = [(os.path.relpath(path, root), os.path.getsize(path)) for path in files]
+    digest = hashlib.sha256(repr(listing).encode())
+    for path, (_, size) in list(zip(files, listing))[::max(1, len(files) // 256)]:
+        with contextlib.suppress(OSError), open(path, "rb") as f:  # unreadable: the loader says so
+            for at in (0, size // 2, max(0, size - 4096)):
+                f.seek(at)
+                digest.update(f.read(4096))
+    return f"{len(files)} files, {digest.hexdigest()[:12]}"
+
+
+def load_config(args, on_cpu):
+    """The DeepSpeed JSON, which owns batch size, precision, optimizer, scheduler and ZeRO, set to
+    the precision this run trains in: (config, "fp32" | "fp16" | "bf16")."""
+    cfg = read_config(args.deepspeed_config)
+    dtype = choose_precision(cfg, args.dtype, on_cpu, args.deepspeed_config)
+    refuse_fp16_without_zero(cfg, args.deepspeed_config)
+    cfg.setdefault("steps_per_print", None)  # the script prints its own step lines
+    return cfg, dtype
+
+
+def read_config(path):
     try:
-        import wandb
-
-        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))  # W&B's own variable
-        return wandb.init(project="deepspeed-cnn-examples", name=EXAMPLE,
-                          config={"ds_config": cfg, **vars(args)},
-                          settings=wandb.Settings(init_timeout=timeout, silent=True))
-    except Exception as e:  # noqa: BLE001 - no network, a bad key, not installed
-        say(f"warning: Weights & Biases disabled ({first_line(e)[:150]})")
-        return None
-
-
-def quality(accuracy):
-    for floor, tier in ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor")):
-        if accuracy >= floor:
-            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
-                          else "under 50% right: train longer or revisit the learning rate")
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
+        raise UsageError(f"DeepSpeed config {what}: {path} ({first_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"DeepSpeed config {path}: not a JSON object {{...}}")
+    if not isinstance(cfg.get("optimizer"), dict):  # else DeepSpeed fails at the first backward
+        raise UsageError(f"{path}: optimizer = {json.dumps(cfg.get('optimizer'))}: the engine "
+                         "builds its optimizer from this JSON object {\"type\", \"params\"}")
+    return cfg
 
 
-# ============================================================ main
-def main(args):
-    start = time.time()
-    resume = read_checkpoint(args, CNNModelEnhanced) if args.resume is not None else None
-    world, on_cpu = int(os.environ.get("WORLD_SIZE", 1)), get_accelerator().device_name() == "cpu"
-    cfg, dtype, own_clip = load_config(args, world, on_cpu)  # every user input is checked first
-    check_output_dir(args)
-    if resume:
-        fit_to_checkpoint(cfg, resume, world)
-    rank, world, device = setup_distributed()
-    torch.manual_seed(args.seed)
-
-    data = load_data(args, cfg, dtype, rank, world, device)
-    fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
-    model = CNNModelEnhanced(len(data.classes))
-    model.classes = data.classes  # model.pt carries them
-    # The engine owns the optimizer, LR schedule, precision, ZeRO partitioning, the gradient
-    # all-reduce and checkpoints, all as the config says.
-    with config_errors_in_one_line(args.deepspeed_config):
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                               config=cfg)
-    run = restore(engine, resume) if resume else RunState()
-    run.identity = identity(args, CNNModelEnhanced)  # saved with every checkpoint
-    sched, opt = cfg.get("scheduler", {}), cfg["optimizer"]
-    gas, n_params = engine.gradient_accumulation_steps(), sum(p.numel() for p in model.parameters())
-    say("=" * 80, f"DeepSpeed CNN training: {EXAMPLE}", "=" * 80,
-        f"Dataset    : {args.dataset}, {len(data.train.labels):,} train / "
-        f"{len(data.test.labels):,} test images, 1x28x28, {len(data.classes)} classes",
-        f"Model      : CNNModelEnhanced, {n_params:,} parameters",
-        f"Precision  : {dtype} | ZeRO stage {engine.zero_optimization_stage()} | gradient clipping "
-        f"{engine.gradient_clipping() if own_clip is None else own_clip:g}"
-        f"{' (by the script)' if own_clip else ''} | device {device.type} | world size {world}",
-        f"Batch      : {cfg['train_micro_batch_size_per_gpu']} per rank x {gas} accumulation x "
-        f"{world} ranks = {engine.train_batch_size()} global; {len(data.train) // gas} steps/epoch",
-        f"Schedule   : {args.epochs} epochs, {opt['type']} lr {opt.get('params', {}).get('lr')}, "
-        f"{sched.get('type', 'constant')} {json.dumps(sched.get('params', {}))}",
-        f"Output     : {os.path.abspath(args.output_dir)}", "-" * 80)
-    wandb_run = init_wandb(args, cfg)
-
-    for epoch in range(run.epoch, args.epochs):
-        train = train_one_epoch(engine, data, run, args, own_clip)
-        test = evaluate(engine, data.test, data.classes, args)
-        row = {"epoch": epoch + 1, **train, "test_loss": test["loss"],
-               "test_accuracy": test["accuracy"], "test_images": test["images"],
-               "lr": engine.get_lr()[0]}
-        best = run.record(row, test["accuracy"], args)
-        run.wall_time_s, start = run.wall_time_s + time.time() - start, time.time()
-        say(f"epoch {epoch + 1:3d}/{args.epochs} | train loss {row['train_loss']:.4f} acc "
-            f"{row['train_accuracy']:6.2f}% | test loss {test['loss']:.4f} acc "
-            f"{test['accuracy']:6.2f}% | grad norm "
-            f"{row['grad_norm']:.4f} | lr {row['lr']:.3e} | skipped {row['skipped_steps']} | "
-            f"{row['epoch_time_s']:.1f}s {row['images_per_s']:,.0f} img/s" + " | best" * best)
-        record(engine, "Epoch", {k: v for k, v in row.items() if k.endswith(("loss", "accuracy"))},
-               wandb_run)
-        save_epoch(engine, run, args, cfg, own_clip, write_model=True)  # the last epoch
-        reason = run.stop_reason(args, engine.global_steps)
-        if reason:
-            say(reason)
-            break
-    report(run, test, data, args, cfg, own_clip, wandb_run, model_saved=True)
-    return 0
+def choose_precision(cfg, dtype, on_cpu, path):
+    """--dtype, else the config's fp16 or bf16 section, else fp32; the config is made to say so."""
+    enabled = [k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")]
+    if len(enabled) > 1:
+        raise UsageError(f"{path}: fp16.enabled and bf16.enabled: enable one of them at most")
+    if dtype == "auto":
+        dtype = enabled[0] if enabled else "fp32"
+    if dtype == "fp16" and on_cpu:
+        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
+        dtype = "fp32"
+    sections = {"fp16": cfg.pop("fp16", {}), "bf16": cfg.pop("bf16", {})}
+    if dtype != "fp32":
+        cfg[dtype] = {**sections[dtype], "enabled": True}
+    if dtype == "bf16":  # without it DeepSpeed's bf16 applies a step with non-finite gradients
+        cfg["bf16"]["check_grad_overflow"] = True
+    return dtype
 
 
-def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
-    """The final summary, rated on held-out test accuracy, with train accuracy beside it."""
-    last, tier_text = run.history[-1], quality(run.history[-1]["test_accuracy"])
-    model_epoch = run.epoch  # model.pt: the last epoch, or the best on --val-split images
-    chosen = "the last"
-    if data.val:
-        model_epoch = run.best_epoch
-        chosen = "the best on --val-split"
-    final = {"test_accuracy": last["test_accuracy"], "train_accuracy": last["train_accuracy"],
-             "best_test_accuracy": max(h["test_accuracy"] for h in run.history),
-             "best_epoch": run.best_epoch, "model_epoch": model_epoch,
-             "selected_on": "val" if data.val else "last",
-             "test_loss": last["test_loss"], "train_loss": last["train_loss"],
-             "quality": tier_text[0], "epochs_completed": run.epoch,
-             "stopped_early": run.epoch < args.epochs and run.patience_used >= args.patience,
-             "skipped_steps": run.skipped_steps, "wall_time_s": run.wall_time_s,
-             "classes": data.classes,
-             "per_class_accuracy": dict(zip(data.classes, test["per_class"]))}
-    if dist.get_rank() == 0:
-        write_metrics(args, cfg, own_clip, run, final)
-        plotted = plot_curves(run.history, f"{args.output_dir}/curves.png")
-        saved = "metrics.json"  # and what else this run wrote, and why a file is missing
-        if model_saved:
-            saved = "model.pt, " + saved
-        if plotted:
-            saved += ", curves.png"
-        else:
-            saved += " (pip install matplotlib for curves.png)"
-        if not model_saved:
-            saved += f"; model.pt not written: no epoch beat epoch {model_epoch}"
-        say("=" * 80, f"Training finished: {run.epoch} epochs, {run.wall_time_s:.1f}s wall",
-            f"  train loss     {run.history[0]['train_loss']:.4f} -> {last['train_loss']:.4f}",
-            f"  train accuracy {last['train_accuracy']:.2f}%",
-            f"  test accuracy  {last['test_accuracy']:.2f}% (best {final['best_test_accuracy']:.2f}"
-            f"%; model.pt: epoch {model_epoch}, {chosen})",
-            *[f"  accuracy of {c:10s}: {a:6.2f}%" for c, a in zip(data.classes, test["per_class"])],
-            f"Quality (held-out test accuracy): {tier_text[0]}: {tier_text[1]}",
-            f"Saved: {args.output_dir}/{saved}")
-    if wandb_run:
-        wandb_run.summary.update(final)
-        wandb_run.finish()
+def check_output_dir(args):
+    """Never replace a run silently. Rank 0 holds --output-dir first, so that two runs cannot both
+    pass; --overwrite sets the old run aside in .replaced/ until the new one has a checkpoint."""
+    out = args.output_dir
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        claim_output_dir(out)
+        settle_set_aside(out)  # a run killed while it replaced this one
+    held = [f for f in RUN_FILES if os.path.exists(f"{out}/{f}")]
+    here = os.path.realpath(out)
+    resuming_it = args.resume is not None and os.path.realpath(args.resume or out) == here
+    if held and not (args.overwrite or resuming_it):
+        raise UsageError(f"--output-dir {out} already holds a run ({', '.join(held)}).\nAdd "
+                         "--resume to continue it, --overwrite to replace it, or choose another")
+    if held and args.overwrite and rank0:  # gathered, then renamed: a kill -9 never splits them
+        os.mkdir(f"{out}/.moving")
+        for f in held:
+            os.rename(f"{out}/{f}", f"{out}/.moving/{f}")
+        os.rename(f"{out}/.moving", f"{out}/.replaced")
+
+
+def claim_output_dir(out):
+    """Hold --output-dir while this run runs: an flock on a file in it, which the kernel drops
+    however the process ends, kill -9 included. A second run is refused, naming the holder."""
+    made = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(f"{out}/.lock", os.O_RDWR | os.O_CREAT)
+    except OSError as e:  # under a file, no permission, a read-only disk
+        raise UsageError(f"cannot write to --output-dir {out}: {first_line(e)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        time.sleep(0.1)  # the holder writes its pid just after it locks
+        holder = os.pread(fd, 200, 0).decode()
+        os.close(fd)
+        raise UsageError(f"--output-dir {out} is in use by another run ({holder}); wait for it "
+                         "to end, or choose another --output-dir") from None
+    if os.fstat(fd).st_nlink == 0:  # its last holder removed it as we opened it: a new one
+        os.close(fd)
+        return claim_output_dir(out)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    OWNED.update(fd=fd, made=made)
+
+
+def settle_set_aside(out):
+    """Finish what --overwrite began: the old run in .replaced/ goes once the new run has saved a
+    checkpoint, else it comes back (the new run failed first); so does one left in .moving/."""
+    if os.path.isdir(f"{out}/.replaced") and os.path.isfile(f"{out}/checkpoints/latest"):
+        shutil.rmtree(f"{out}/.replaced")
+    elif os.path.isdir(f"{out}/.replaced"):
+        for new in (f"{out}/{f}" for f in RUN_FILES):  # the failed run's
+            if os.path.isdir(new):
+                shutil.rmtree(new)
+            elif os.path.exists(new):
+                os.remove(new)
+        os.rename(f"{out}/.replaced", f"{out}/.moving")
+    if os.path.isdir(f"{out}/.moving"):
+        for f in os.listdir(f"{out}/.moving"):
+            os.rename(f"{out}/.moving/{f}", f"{out}/{f}")
+        os.rmdir(f"{out}/.moving")
+        say(f"notice: {out}: the run that --overwrite was replacing is back (the new run saved no "
+            "checkpoint)")
+
+
+def release_output_dir(args):
+    """Rank 0, at the end of every run: settle --overwrite's old run, give the directory up (the
+    lock file goes first) and remove it if this run made it and left it empty."""
+    if "fd" not in OWNED:
+        return
+    settle_set_aside(args.output_dir)
+    os.remove(f"{args.output_dir}/.lock")
+    os.close(OWNED.pop("fd"))
+    if OWNED.pop("made"):
+        with contextlib.suppress(OSError):  # not empty
+            os.rmdir(args.output_dir)
+
+
+def atomic_write(path, write):
+    """write(tmp), then rename tmp to `path`: a crash never leaves a half-written file there."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        raise UsageError(f"cannot write {path}: {first_line(e)} (disk full? free some space or "
+                         "choose another --output-dir)") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def run(argv=None):
-    """main() as a command: a user's mistake ends in one or two lines and exit code 2, divergence
-    in 3, Ctrl-C in 130, SIGTERM in 143 (naming the checkpoint to resume from), as when the
-    launcher is gone or another rank stopped first; then teardown."""
+    """main() as a command: exit code 2 for a user's mistake (one or two lines), 3 for divergence,
+    130 for Ctrl-C, 143 for SIGTERM (also when the launcher or another rank is gone)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     watch_launcher()
     quiet_known_messages()
-    code, args, rank0 = 1, None, os.environ.get("RANK", "0") == "0"
+    code = 1
+    args = None
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         args = parse_args(argv)
         code = main(args)
-    except UsageError as e:
-        code = 2
-        print(f"error: {e}", file=sys.stderr) if rank0 else time.sleep(3)  # let rank 0 say why
-    except TrainingDiverged as e:
-        code = 3
-        print(f"error: training diverged: {e}; nothing was learned from them.\n  check: the data "
-              "for NaN/Inf, a lower learning rate, gradient_clipping > 0, --dtype fp32 or bf16",
-              file=sys.stderr) if rank0 else None
+    except (UsageError, TrainingDiverged) as e:
+        code = e.code
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(3)  # let rank 0 say why before the launcher ends every rank
     except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
             signal.signal(sig, signal.SIG_IGN)
         if isinstance(e, RuntimeError) and not from_a_collective(e):
             raise
         code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 143)
-        latest = f"{args.output_dir}/checkpoints/latest" if args else ""
-        if rank0 and os.path.isfile(latest):
-            with open(latest) as f:
-                epoch = int(f.read().strip()[5:])
-            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; "
-                  f"{how_to_resume(args)}", file=sys.stderr)
+        if rank0:
+            print(f"stopped (exit code {code}): --resume goes on from the last saved epoch",
+                  file=sys.stderr)
     finally:
         if dist.is_initialized():
             if code == 0:  # every rank waits for rank 0's last files before tearing down
@@ -1058,14 +920,46 @@ def run(argv=None):
     return code
 
 
-def how_to_resume(args):
-    """What the stop line tells the user to do next."""
-    return "add --resume to the same command to continue"
-
-
 def from_a_collective(e):
     """An error raised inside torch.distributed: a collective whose peer rank went away."""
     return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
+
+
+@functools.cache  # one watcher per process, however many runs it holds
+def watch_launcher():
+    """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
+    ranks training. So a rank checks every second that its parent (and launch.py's) still runs."""
+    if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
+        return
+    links = [(os.getpid(), parent_pid(os.getpid()))]
+    with contextlib.suppress(OSError), open(f"/proc/{links[0][1]}/cmdline", "rb") as f:
+        if b"deepspeed.launcher.launch" in f.read():
+            links.append((links[0][1], parent_pid(links[0][1])))
+
+    def watch():
+        while all(parent_pid(pid) == parent for pid, parent in links):  # else reparented: gone
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def parent_pid(pid):
+    """Process `pid`'s parent, from Linux's /proc; None where that cannot be read."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # after "(command)": state, then ppid
+
+
+def say(*lines):
+    """Print on global rank 0 only (the launcher's RANK; plain `python` is rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*lines, sep="\n", flush=True)
+
+
+def first_line(e):
+    """One line about any exception, also one with an empty message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 # ======================================================= DeepSpeed 0.19.8 workarounds
@@ -1077,65 +971,21 @@ def refuse_fp16_without_zero(cfg, path):
                          "(without ZeRO its updates shrink); add a ZeRO stage or use --dtype bf16")
 
 
-def check_keys_deepspeed_reads(cfg, path):
-    """DeepSpeed ignores top-level keys it does not know, so a typo goes unnoticed: let its parser
-    read the config and note each key it looks up. Its validation errors become one line."""
-    asked = set()
-
-    class Recorder(dict):
-        def get(self, key, default=None):
-            asked.add(key)
-            return super().get(key, default)
-
-        def __getitem__(self, key):
-            asked.add(key)
-            return super().__getitem__(key)
-
-        def __contains__(self, key):
-            asked.add(key)
-            return super().__contains__(key)
-
-        def keys(self):  # DeepSpeed also asks `key in config.keys()`
-            return self
-
-    try:
-        deepspeed.runtime.config.DeepSpeedConfig(Recorder(json.loads(json.dumps(cfg))))
-    except Exception as e:  # noqa: BLE001 - pydantic's errors name the key; the rest: initialize
-        for err in getattr(e, "errors", list)()[:1]:
-            section = next(k for k, v in cfg.items() if isinstance(v, dict) and err["loc"][0] in v)
-            raise UsageError(f"{path}: {'.'.join(map(str, (section, *err['loc'])))} = "
-                             f"{json.dumps(err.get('input'), default=str)}: {err['msg']}") from None
-        return
-    unknown = sorted(set(cfg) - asked)
-    if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; DeepSpeed would ignore "
-                         "them (a typo? see https://www.deepspeed.ai/docs/config-json/)")
-
-
 @contextlib.contextmanager
 def config_errors_in_one_line(path):
-    """deepspeed.initialize passes on the optimizer's or scheduler's own errors (a negative warmup,
-    betas of one number) with a traceback; the engine's method in its frames names the section."""
+    """deepspeed.initialize passes on its own check of the optimizer's name, and the optimizer's or
+    scheduler's errors (a negative warmup, betas of one number), with a traceback; the engine's
+    method in its frames names the section of the config."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - any other error goes on as it is
         frames = {frame.name for frame in traceback.extract_tb(e.__traceback__)}
-        for section, built_in in (("optimizer", "optimizer"), ("scheduler", "lr_scheduler")):
-            if f"_configure_{built_in}" in frames:
+        sections = {"_do_sanity_check": "DeepSpeed's check", "_configure_optimizer": "optimizer",
+                    "_configure_lr_scheduler": "scheduler"}
+        for method, section in sections.items():
+            if method in frames:
                 raise UsageError(f"{path}: {section}: {first_line(e)}") from None
         raise
-
-
-def refuse_what_ds_to_universal_cannot_convert(ckpt, old, world):
-    """ds_to_universal (checkpoint/ds_to_universal.py) reads Adam's exp_avg and exp_avg_sq at every
-    ZeRO stage: another optimizer's ZeRO checkpoint ends there in a KeyError."""
-    kind = old.get("optimizer", {}).get("type")
-    ranks = ckpt.state["dp_world_size"]
-    if str(kind).lower() not in ("adam", "adamw"):
-        raise UsageError(f"--resume: {ckpt.folder}/{ckpt.tag} is {kind} under ZeRO stage "
-                         f"{old['zero_optimization']['stage']} on {ranks} ranks, which DeepSpeed's "
-                         f"ds_to_universal cannot convert for {world}: resume on {ranks} ranks, or "
-                         "train with Adam/AdamW or ZeRO stage 0 to change the rank count")
 
 
 def quiet_known_messages():
@@ -1150,23 +1000,11 @@ def quiet_known_messages():
     warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no acc")
 
 
-def reduce_unless_alone(engine):
-    """DeepSpeed all-reduces the gradients after every backward even with one rank and no ZeRO
-    (0.3 ms a step for 02's fast recipe on an H200); its public no_sync() skips that."""
-    alone = dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0
-    return engine.no_sync() if alone else contextlib.nullcontext()
-
-
-def monitor_resumes_at(engine, samples):
-    """DeepSpeed's csv monitor appends, and writes a file's header again in a new process: on
-    resume, drop the rows past the checkpoint and tell it the headers are there."""
-    csv = engine.monitor.csv_monitor if engine.monitor.enabled else None
-    for path in glob.glob(f"{csv.log_dir}/*.csv") if csv and dist.get_rank() == 0 else ():
-        with open(path) as f:
-            header, *rows = f.readlines()
-        kept = [row for row in rows if int(float(row.split(",")[0])) <= samples]
-        atomic_write(path, lambda tmp: open(tmp, "w").writelines([header, *kept]))
-        csv.filenames.append(os.path.basename(path)[: -len(".csv")])
+def stop_loader_workers(loader):
+    """DeepSpeed's loader keeps an epoch's iterator and its worker processes until the next epoch
+    (also after one that stopped early), whose shutdown can then stall for seconds: close it."""
+    if loader.data is not None:
+        loader.data.close()
 
 
 def release_shm_buffer():

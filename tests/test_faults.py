@@ -5,9 +5,10 @@ DeepSpeed's csv monitor, W&B failing, and the other ways to launch.
 
 Per example the battery pays for three or four launches, shared by every test (tests/drive.py runs
 several runs in one launch): the `deepspeed` run killed at a random point (03: under main.py); one 2-rank `deepspeed` launch
-(ranks agreeing, ZeRO-3, 01's 2-rank checkpoints at every stage); one 1-rank `python` launch
+(ranks agreeing, ZeRO-3, 01's 2-rank checkpoint without ZeRO); one 1-rank `python` launch
 (signals, resuming the killed run beside a run that never stopped, a full disk, 01's 2->1
-resumes); for 01 one 2-rank `torchrun` launch (1->2 resumes). Every run is killed whole if it
+resume and its ZeRO-3 checkpoint refused on 1 rank, 02's csv monitor); for 01 one 2-rank
+`torchrun` launch (a 1->2 resume). Every run is killed whole if it
 hangs, so a rank left waiting in a collective fails its test instead of the suite."""
 
 import csv
@@ -45,7 +46,6 @@ DISAGREE = ("the ranks disagreed: one stopped or skipped while another waits in 
             "(a decision taken on one rank only?)")
 MODELS = {"01_basic_convnet": "CNNModelEnhanced", "02_cifar10": "CIFAR10CNNEnhanced", "03_cifar10_basic": "Net"}
 SIGNALS = {"01_basic_convnet": ["SIGTERM", "SIGINT"], "02_cifar10": ["SIGTERM"], "03_cifar10_basic": ["SIGTERM"]}
-STAGES = range(4)  # 01 resumes across rank counts at every ZeRO stage
 
 
 def data_args(example, root):
@@ -62,17 +62,15 @@ def data_args(example, root):
     return ["--dataset", "synthetic", "--synthetic-size", "64"]
 
 
-def stage_configs(tmp):
-    """01 at ZeRO stage s with micro batch 16 (2 ranks) or 32 (1 rank): the same global batch."""
+def no_zero_configs(tmp):
+    """01 without ZeRO (fp32: fp16 needs ZeRO) with micro batch 16 (2 ranks) or 32 (1 rank): the
+    same global batch. Only such a checkpoint resumes on another rank count in 01 (02 converts)."""
     cfg = {}
-    for stage in STAGES:
-        for micro in (16, 32):
-            def edit(c, stage=stage, micro=micro):
-                c.update(train_micro_batch_size_per_gpu=micro, zero_optimization={"stage": stage})
-                if stage == 0:  # fp16 needs ZeRO; stage 0 runs in fp32 (and feeds DeepSpeed's csv monitor)
-                    c.pop("fp16")
-                    c["csv_monitor"] = {"enabled": True}
-            cfg[stage, micro] = write_config("01_basic_convnet", tmp / f"s{stage}_{micro}.json", edit)
+    for micro in (16, 32):
+        def edit(c, micro=micro):
+            c.update(train_micro_batch_size_per_gpu=micro, zero_optimization={"stage": 0})
+            c.pop("fp16")
+        cfg[micro] = write_config("01_basic_convnet", tmp / f"s0_{micro}.json", edit)
     return cfg
 
 
@@ -139,7 +137,7 @@ def build(example, tmp):
     b["killed"] = kill_at_random(example, b["kill_args"], tmp / "kill")
     b["killed"].final = json.loads((tmp / "kill" / "metrics.json").read_text())["final"]  # before --resume
 
-    # 2 ranks, `deepspeed`: ranks agreeing (runs 0-2), ZeRO-3 (run 3), 01: 2-rank runs at each stage
+    # 2 ranks, `deepspeed`: ranks agreeing (runs 0-2), ZeRO-3 (run 3), 01: 2-rank runs without ZeRO
     other = write_config(example, tmp / "other.json", lambda c: c.update(train_micro_batch_size_per_gpu=2))
     # 03 skips non-finite steps where DeepSpeed does (bf16 here); in fp32 its first one ends the run
     skips, give_up = (["--dtype", "bf16"], []) if example == "03_cifar10_basic" else ([], ["--max-bad-steps", "2"])
@@ -150,20 +148,16 @@ def build(example, tmp):
     two = [base + skips + stop + ["--epochs", "4", "--output-dir", tmp / "a"],
            base + give_up + ["--epochs", "2", "--output-dir", tmp / "b"],
            base + ["--epochs", "3", "--resume", "--output-dir", tmp / "a", "--deepspeed_config", other]]
+    z3 = write_config(example, tmp / "z3.json", name="ds_config_zero3.json", edit=lambda c: c.update(
+        train_micro_batch_size_per_gpu={"01_basic_convnet": 16, "02_cifar10": 8, "03_cifar10_basic": 4}[example]))
+    more = ["--synthetic-size", "320"] if example == "03_cifar10_basic" else []
+    two += [base + more + ["--deepspeed_config", z3, "--epochs", "2", "--log-interval", "5",
+                           "--output-dir", tmp / "z3"]]
     if example == "01_basic_convnet":
-        cfg = b["cfg"] = stage_configs(tmp)
+        cfg = b["cfg"] = no_zero_configs(tmp)
         resume = base[:4] + ["--epochs", "2", "--warmup-epochs", "1", "--log-interval", "5", "--seed", "3"]
-        b["resume_args"] = resume
-        for s in STAGES:
-            two += [resume + ["--deepspeed_config", cfg[s, 16], "--output-dir", tmp / f"ref2_{s}"],
-                    resume + ["--deepspeed_config", cfg[s, 16], "--output-dir", tmp / f"cut2_{s}",
-                              "--max-steps", "10"]]
-    else:
-        z3 = write_config(example, tmp / "z3.json", name="ds_config_zero3.json", edit=lambda c: c.update(
-            train_micro_batch_size_per_gpu={"02_cifar10": 8, "03_cifar10_basic": 4}[example]))
-        more = ["--synthetic-size", "320"] if example == "03_cifar10_basic" else []
-        two += [base + more + ["--deepspeed_config", z3, "--epochs", "2", "--log-interval", "5",
-                               "--output-dir", tmp / "z3"]]
+        two += [resume + ["--deepspeed_config", cfg[16], "--output-dir", tmp / "ref2"],
+                resume + ["--deepspeed_config", cfg[16], "--output-dir", tmp / "cut2", "--max-steps", "10"]]
     if example == "02_cifar10":  # a ZeRO checkpoint of SGD, which ds_to_universal cannot convert
         sgd = b["sgd_zero"] = write_config(example, tmp / "sgdz.json", lambda c: c.update(
             train_micro_batch_size_per_gpu=8, zero_optimization={"stage": 1},
@@ -186,28 +180,36 @@ def build(example, tmp):
     b["full"] = len(one) - 1
     b["resumed_signal"] = len(one)
     one += [base + ["--epochs", "3", "--resume", "--output-dir", tmp / f"sig{k}"] for k in range(len(names))]
-    if example == "01_basic_convnet":
+    if example == "01_basic_convnet":  # 2 -> 1 rank without ZeRO; a 2-rank ZeRO-3 checkpoint refused
         b["resumed_2to1"] = len(one)
-        for s in STAGES:
-            one += [resume + ["--deepspeed_config", cfg[s, 16], "--output-dir", tmp / f"cut2_{s}", "--resume"],
-                    resume + ["--deepspeed_config", cfg[s, 32], "--output-dir", tmp / f"ref1_{s}"],
-                    resume + ["--deepspeed_config", cfg[s, 32], "--output-dir", tmp / f"cut1_{s}",
-                              "--max-steps", "10"]]
+        one += [resume + ["--deepspeed_config", cfg[32], "--output-dir", tmp / "cut2", "--resume"],
+                resume + ["--deepspeed_config", cfg[32], "--output-dir", tmp / "ref1"],
+                resume + ["--deepspeed_config", cfg[32], "--output-dir", tmp / "cut1", "--max-steps", "10"],
+                base + ["--deepspeed_config", z3, "--epochs", "3", "--resume", tmp / "z3", "--output-dir",
+                        tmp / "z3_1"]]
     if example == "02_cifar10":  # the 2-rank ZeRO checkpoints on 1 rank: AdamW's and SGD's
         b["z3_2to1"] = len(one)
         one += [base + ["--deepspeed_config", z3, "--epochs", "3", "--log-interval", "5",
                         "--resume", tmp / "z3", "--output-dir", tmp / "z3_1"],
                 base + ["--deepspeed_config", b["sgd_zero"], "--epochs", "2", "--resume",
                         "--output-dir", tmp / "sgdz"]]
+    if example == "02_cifar10":  # DeepSpeed's csv monitor: a run cut after epoch 1 and resumed
+        b["monitor"] = len(one)
+        mon = write_config(example, tmp / "mon.json", lambda c: c.update(
+            train_micro_batch_size_per_gpu=8, csv_monitor={"enabled": True}))
+        watched = base + ["--deepspeed_config", mon, "--epochs", "2"]
+        one += [watched + ["--output-dir", tmp / "mon_ref"],
+                watched + ["--output-dir", tmp / "mon_cut", "--max-steps", "20"],
+                watched + ["--output-dir", tmp / "mon_cut", "--resume"]]
     on_line = signal_in_epoch_2(names)
     b["one"] = launch(example, runs=one, launcher="python", drive=["--fsize", f"{b['full']}:{160 * 1024}"],
                       on_line=on_line, cwd=tmp, timeout=500, stall=60)
     b["sent"] = on_line.sent
 
-    # 01 only, 2 ranks, `torchrun`: the 1-rank checkpoints continue on 2 ranks
+    # 01 only, 2 ranks, `torchrun`: the 1-rank checkpoint continues on 2 ranks
     if example == "01_basic_convnet":
-        b["torchrun"] = launch(example, runs=[resume + ["--deepspeed_config", cfg[s, 16], "--output-dir",
-                                                        tmp / f"cut1_{s}", "--resume"] for s in STAGES],
+        b["torchrun"] = launch(example, runs=[resume + ["--deepspeed_config", cfg[16], "--output-dir",
+                                                        tmp / "cut1", "--resume"]],
                                ranks=2, launcher="torchrun", cwd=tmp, timeout=300, stall=60)
     return b
 
@@ -269,7 +271,8 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
     - two NaN batches on rank 1 with --max-bad-steps 2: both ranks stop, rank 0 prints the
       diagnosis, exit code 3, no result files (03 skips only in bf16/fp16: its first run is bf16, and
       its fp32 run stops at the first non-finite loss);
-    - a resume of the first run with another micro batch: a one-line notice, and training goes on."""
+    - a resume of the first run with another micro batch: training goes on (02: with a one-line
+      notice)."""
     b = battery(example)
     r, tmp = b["two"], b["tmp"]
     first, diverged, resumed = r.part(0), r.part(1), r.part(2)
@@ -291,7 +294,7 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
     assert not (tmp / "b" / "model.pt").exists() and not (tmp / "b" / "metrics.json").exists()
 
     assert resumed.rc == 0, r
-    if example != "03_cifar10_basic":  # 03 says nothing of the changed global batch
+    if example == "02_cifar10":  # 01 and 03 resume with the config given, saying nothing
         assert "notice: the checkpoint's micro batch x accumulation x ranks was" in resumed.stdout, resumed
     assert "continuing at epoch 3" in resumed.stdout
 
@@ -300,15 +303,17 @@ def test_ranks_agree_on_skipping_stopping_and_giving_up(example, battery):
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_a_stopped_run_says_how_to_resume(example, battery):
     """SIGTERM (all three) and Ctrl-C's SIGINT (01) once the first checkpoint exists: one line naming
-    the epoch that is checkpointed (03, the first rung: saying it stopped) and the way to go on, exit
-    code 143 or 130, nothing half-written, and --resume then continues from there."""
+    the epoch that is checkpointed (01 and 03: saying it stopped, with its exit code) and the way to
+    go on, exit code 143 or 130, nothing half-written, and --resume then continues from there."""
     b = battery(example)
     names, tmp = SIGNALS[example], b["tmp"]
     assert len(b["sent"]) == len(names), b["one"]
     for k, name in enumerate(names):
         stopped, again = b["one"].part(k), b["one"].part(b["resumed_signal"] + k)
         assert stopped.rc == {"SIGTERM": 143, "SIGINT": 130}[name], (name, stopped)
-        said = "stopped (exit code 143)" if example == "03_cifar10_basic" else "stopped: epoch 1 is checkpointed"
+        said = "stopped: epoch 1 is checkpointed"
+        if example != "02_cifar10":  # the resume command on a signal is 02's
+            said = f"stopped (exit code {stopped.rc})"
         assert_clean_error(stopped.rc, stopped.stderr, said, "--resume")
         assert again.rc == 0 and "continuing at epoch 2" in again.stdout, (name, again)
         assert not [p for p in (tmp / f"sig{k}").rglob("*") if ".tmp" in p.name]
@@ -365,10 +370,10 @@ def test_wandb_with_a_bad_key_warns_once_and_training_goes_on(example, tmp_path,
 
 
 # ============================================================================ ZeRO
-@pytest.mark.parametrize("example", ["02_cifar10", "03_cifar10_basic"])
+@pytest.mark.parametrize("example", EXAMPLES)
 def test_zero3_on_two_ranks(example, battery):
-    """ZeRO-3 (01's runs are in the resume tests below): trains, evaluates and saves on every rank
-    without hanging, and model.pt is the whole model as a plain state dict."""
+    """ZeRO-3: trains, evaluates and saves on every rank without hanging, and model.pt is the whole
+    model as a plain state dict."""
     b = battery(example)
     r = b["two"].part(3)
     assert r.rc == 0, b["two"]
@@ -378,41 +383,45 @@ def test_zero3_on_two_ranks(example, battery):
     check_model_pt(example, b["tmp"] / "z3", len(m["final"]["classes"]))
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_two_ranks_checkpoint_continues_on_one(battery, stage):
-    """A checkpoint of 2 ranks x micro 16 goes on with 1 rank (accumulation 2 keeps the global
-    batch), converted to DeepSpeed's universal format where ZeRO split the optimizer state, and
-    ends as the 2-rank run that never stopped did."""
+def test_two_ranks_checkpoint_continues_on_one(battery):
+    """Without ZeRO a checkpoint does not depend on the rank count: one of 2 ranks x micro 16 goes on
+    with 1 rank x micro 32 (the same global batch) and ends as the 2-rank run that never stopped."""
     b = battery("01_basic_convnet")
     tmp = b["tmp"]
-    for k in (3 + 2 * stage, 4 + 2 * stage):
+    for k in (4, 5):
         assert b["two"].part(k).rc == 0, b["two"]
-    resumed = b["one"].part(b["resumed_2to1"] + 3 * stage)
+    resumed = b["one"].part(b["resumed_2to1"])
     assert resumed.rc == 0, b["one"]
-    assert "16 x 1 x 2, this run's is 16 x 2 x 1: the same global batch" in resumed.stdout, resumed
-    assert ("Converting" in resumed.stdout) == (stage > 0)  # ZeRO's split optimizer state
-    for a, c in zip(rows(read(tmp, f"ref2_{stage}")), rows(read(tmp, f"cut2_{stage}")), strict=True):
-        # equal up to float summation order: 2x16 vs 1x(16x2)
+    assert "continuing at epoch 2" in resumed.stdout, resumed
+    for a, c in zip(rows(read(tmp, "ref2")), rows(read(tmp, "cut2")), strict=True):
+        # equal up to float summation order: 2x16 vs 1x32
         assert a.keys() == c.keys() and all(a[k] == pytest.approx(c[k], rel=1e-5, abs=1e-6) for k in a), (a, c)
-    check_model_pt("01_basic_convnet", tmp / f"cut2_{stage}", 10)
+    check_model_pt("01_basic_convnet", tmp / "cut2", 10)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_one_rank_checkpoint_continues_on_two(battery, stage):
-    """A checkpoint of 1 rank x micro 32 goes on with 2 ranks under `torchrun` (micro 16 keeps the
-    global batch) and follows the 1-rank run that never stopped."""
+def test_one_rank_checkpoint_continues_on_two(battery):
+    """A checkpoint of 1 rank x micro 32 without ZeRO goes on with 2 ranks x micro 16 under
+    `torchrun` and follows the 1-rank run that never stopped."""
     b = battery("01_basic_convnet")
-    tmp, first = b["tmp"], b["resumed_2to1"] + 3 * stage
+    tmp, first = b["tmp"], b["resumed_2to1"]
     assert b["one"].part(first + 1).rc == 0 and b["one"].part(first + 2).rc == 0, b["one"]
-    resumed = b["torchrun"].part(stage)
+    resumed = b["torchrun"].part(0)
     assert resumed.rc == 0, b["torchrun"]
-    assert resumed.metrics(tmp / f"cut1_{stage}")["world_size"] == 2
-    assert "32 x 1 x 1, this run's is 16 x 1 x 2: the same global batch" in resumed.stdout, resumed
-    assert ("Converting" in resumed.stdout) == (stage > 0)
-    for a, c in zip(rows(read(tmp, f"ref1_{stage}")), rows(read(tmp, f"cut1_{stage}")), strict=True):
+    assert resumed.metrics(tmp / "cut1")["world_size"] == 2
+    assert "continuing at epoch 2" in resumed.stdout, resumed
+    for a, c in zip(rows(read(tmp, "ref1")), rows(read(tmp, "cut1")), strict=True):
         assert a["lr"] == pytest.approx(c["lr"], rel=1e-9) and a["train_images"] == c["train_images"]
         for key in ("train_loss", "test_loss", "grad_norm"):
             assert a[key] == pytest.approx(c[key], rel=1e-3), (key, a, c)
+
+
+def test_zero_checkpoint_on_another_count_is_refused_naming_02(battery):
+    """01 keeps no universal-checkpoint conversion: its 2-rank ZeRO-3 checkpoint is refused on 1
+    rank in one line, before anything starts, naming the rank count, ds_to_universal and 02."""
+    b = battery("01_basic_convnet")
+    r = b["one"].part(b["resumed_2to1"] + 3)
+    assert_clean_error(r.rc, r.stderr, "ZeRO stage 3", "2 ranks", "ds_to_universal", "02_cifar10")
+    assert r.rc == 2 and "Resumed" not in r.stdout and not (b["tmp"] / "z3_1").exists(), r
 
 
 def test_adamw_zero3_checkpoint_continues_on_another_count(battery):
@@ -437,21 +446,24 @@ def test_sgd_zero_checkpoint_on_another_count_is_refused_in_one_line(battery):
 
 
 def test_csv_monitor_rows_once_each(battery):
-    """DeepSpeed's csv monitor: the script adds train loss and accuracy per log line and the epoch's
-    numbers, indexed by samples like DeepSpeed's own lr rows; a resumed run (cut in epoch 1 on two
-    ranks, resumed on one) ends with one header and the same rows as the run that never stopped."""
-    tmp = battery("01_basic_convnet")["tmp"]
+    """DeepSpeed's csv monitor (02): the script adds train loss and accuracy per log line and the
+    epoch's numbers, indexed by samples like DeepSpeed's own lr rows; a run cut after epoch 1 and
+    resumed ends with one header and the same rows as the run that never stopped."""
+    b = battery("02_cifar10")
+    tmp = b["tmp"]
+    for k in range(3):
+        assert b["one"].part(b["monitor"] + k).rc == 0, b["one"]
 
     def table(run):
         out = {}
-        for f in sorted((tmp / run / "monitor" / "01_basic_convnet").glob("*.csv")):
+        for f in sorted((tmp / run / "monitor" / "02_cifar10").glob("*.csv")):
             with open(f) as fh:
                 lines = list(csv.reader(fh))
             assert lines[0][0] == "step" and all(r[0] != "step" for r in lines[1:]), f
             out[f.name] = [(int(float(r[0])), float(r[1])) for r in lines[1:]]
         return out
 
-    ref, res = table("ref2_0"), table("cut2_0")
+    ref, res = table("mon_ref"), table("mon_cut")
     assert {"Train_Samples_lr.csv", "Train_Samples_train_loss.csv", "Epoch_Samples_test_accuracy.csv"} <= set(ref)
     assert ref.keys() == res.keys()
     for name in ref:

@@ -123,19 +123,23 @@ BAD = {  # case: (flags from (example, tmp dir), words the message must hold)
 }
 
 
-# What 03, the first rung, does not refuse here: 02 refuses misspelt keys, 01/02 have monitors; and
-# 03 leaves every other config check to DeepSpeed, after the process group is up (a key's type,
-# ZeRO stage, batch sizes: test_03_config_is_checked_by_deepspeed below) or in deepspeed.initialize
-# (optimizer and scheduler: test_examples.py::test_deepspeed_config_errors_end_in_one_line).
+# What 01 and 03 do not refuse here: 02 refuses misspelt keys and has monitors; and 01 and 03 leave
+# every other config check to DeepSpeed, after the process group is up (a key's type, ZeRO stage,
+# batch sizes: test_config_is_checked_by_deepspeed below) or in deepspeed.initialize (optimizer
+# and scheduler: test_examples.py::test_deepspeed_config_errors_end_in_one_line).
 # DeepSpeed does not check a string for gradient_clipping or an enabled torch_autocast section.
+# 03 has no early stopping (--patience); 01 keeps it.
 NOT_IN_03 = {"config_unknown_key", "config_tensorboard_not_installed", "config_clipping_a_string", "config_lr_a_string", "config_zero_stage_a_word",
              "config_unknown_scheduler", "config_optimizer_param_misspelt",
              "config_scheduler_param_misspelt", "config_unknown_optimizer", "config_micro_batch_0",
              "config_torch_autocast", "patience_0"}
 
 
+NOT_HERE = {"01_basic_convnet": NOT_IN_03 - {"patience_0"}, "03_cifar10_basic": NOT_IN_03}
+
+
 @pytest.mark.parametrize("example,case", [(ex, case) for case in BAD for ex in EXAMPLES
-                                          if not (ex == "03_cifar10_basic" and case in NOT_IN_03)])
+                                          if case not in NOT_HERE.get(ex, ())])
 def test_bad_input_is_refused_before_deepspeed_starts(example, case, tmp_path, monkeypatch):
     flags, needles = BAD[case]
     args = [str(a) for a in flags(example, tmp_path)]
@@ -150,7 +154,7 @@ def test_bad_input_is_refused_before_deepspeed_starts(example, case, tmp_path, m
         assert not out.exists(), "a refused run left an output directory behind"
 
 
-@pytest.mark.parametrize("example", ["01_basic_convnet", "02_cifar10"])  # 03: DeepSpeed checks it
+@pytest.mark.parametrize("example", ["02_cifar10"])  # 01, 03: DeepSpeed checks it (below)
 def test_batch_size_for_one_gpu_is_refused_on_two(example, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = write_config(example, tmp_path / "c.json", lambda c: c.update(
@@ -165,25 +169,27 @@ DEEPSPEED_CHECKS = {  # case: (edit, words 03's one line must hold), as DeepSpee
                           ["c.json", "stage", "'two'", "0, 1, 2, 3"]),
     "micro_batch_0": (lambda c: c.update(train_micro_batch_size_per_gpu=0),
                       ["c.json", "greater than 0"]),
-    "batch_for_another_world": (lambda c: c.update(train_batch_size=7), ["c.json", "7 != 4 * 1 * 1"]),
+    "batch_for_another_world": (lambda c: c.update(train_batch_size=7), ["c.json", "7 != {micro} * 1 * 1"]),
 }
 
 
+@pytest.mark.parametrize("example", ["01_basic_convnet", "03_cifar10_basic"])
 @pytest.mark.parametrize("case", DEEPSPEED_CHECKS)
-def test_03_config_is_checked_by_deepspeed(case, tmp_path):
-    """03 builds DeepSpeed's own DeepSpeedConfig once the process group is up (it checks batch
-    sizes against the real world size): its error becomes one line naming the file."""
+def test_config_is_checked_by_deepspeed(example, case, tmp_path):
+    """01 and 03 build DeepSpeed's own DeepSpeedConfig once the process group is up (it checks
+    batch sizes against the real world size): its error becomes one line naming the file."""
     edit, needles = DEEPSPEED_CHECKS[case]
-    mod = load_example("03_cifar10_basic")
-    path = write_config("03_cifar10_basic", tmp_path / "c.json", edit)
+    mod = load_example(example)
+    micro = json.loads((REPO / example / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"]
+    path = write_config(example, tmp_path / "c.json", edit)
     args = mod.parse_args(["--deepspeed_config", str(path)])
     cfg, _ = mod.load_config(args, on_cpu=True)
     with gloo(), pytest.raises(mod.UsageError) as e:
         mod.check_with_deepspeed(cfg, str(path))
-    assert_clean_error(2, f"error: {e.value}", *needles)
+    assert_clean_error(2, f"error: {e.value}", *[n.format(micro=micro) for n in needles])
     with gloo():
         checked = mod.check_with_deepspeed(mod.load_config(mod.parse_args([]), True)[0], "x")
-    assert checked.train_batch_size == 4
+    assert checked.train_batch_size == micro
 
 
 def test_an_error_without_a_message_is_reported_in_one_line():
@@ -198,7 +204,7 @@ def resolve(example, config, dtype, on_cpu, world=1):
     """(config, dtype, clip by the script or None); 03 always leaves clipping to DeepSpeed."""
     mod = load_example(example)
     args = mod.parse_args(["--deepspeed_config", str(REPO / example / config), "--dtype", dtype])
-    if example == "03_cifar10_basic":  # DeepSpeed checks the world size later
+    if example != "02_cifar10":  # 01, 03: DeepSpeed checks the world size later
         cfg, got = mod.load_config(args, on_cpu)
         return cfg, got, None
     cfg, got, *clip = mod.load_config(args, world, on_cpu)
@@ -244,7 +250,7 @@ def test_fp16_without_zero_is_refused_with_the_fix(example, config, tmp_path):
     cfg = write_config(example, tmp_path / "c.json", lambda c: c.pop("zero_optimization", None))
     mod = load_example(example)
     args = mod.parse_args(["--deepspeed_config", str(cfg), "--dtype", "fp16"])
-    world = [] if example == "03_cifar10_basic" else [1]
+    world = [1] if example == "02_cifar10" else []  # 01, 03: DeepSpeed checks the world size
     with pytest.raises(mod.UsageError, match="fp16 needs zero_optimization.stage >= 1"):
         mod.load_config(args, *world, on_cpu=False)
 
@@ -272,7 +278,7 @@ def shards(example, args, world, epoch):
     return seen
 
 
-@pytest.mark.parametrize("example", ["01_basic_convnet", "02_cifar10"])
+@pytest.mark.parametrize("example", ["02_cifar10"])  # 01 and 03: DeepSpeed's loader (below)
 def test_every_rank_trains_on_its_own_shard(example):
     """Through the functions main() calls: each image once per epoch over two ranks, the same number
     of steps on each, a new order every epoch. Images are told apart by their pixels."""
@@ -305,8 +311,9 @@ def test_augmentation_is_the_same_at_any_world_size():
 
 
 def test_deepspeed_loader_reshuffles_every_epoch():
-    """03's idiom on DeepSpeed's own loader class: set_epoch gives each epoch a new order and the
-    ranks' shards cover the data once; without it (DeepSpeed never calls it) the order repeats."""
+    """01's and 03's idiom on DeepSpeed's own loader class: set_epoch gives each epoch a new order
+    and the ranks' shards cover the data once; without it (DeepSpeed never calls it) the order
+    repeats."""
     from deepspeed.runtime.dataloader import DeepSpeedDataLoader
     from torch.utils.data import TensorDataset
 
@@ -324,15 +331,16 @@ def test_deepspeed_loader_reshuffles_every_epoch():
     for epoch in (0, 1):
         assert sorted(order(lds[0], epoch) + order(lds[1], epoch)) == list(range(100))
     assert order(lds[0], 0) != order(lds[0], 1)
-    src = (REPO / "03_cifar10_basic" / "train_ds.py").read_text()
-    assert "data.loader.data_sampler.set_epoch(epoch)" in src and "training_data=data.trainset" in src
+    for example in ("01_basic_convnet", "03_cifar10_basic"):
+        src = (REPO / example / "train_ds.py").read_text()
+        assert "data.loader.data_sampler.set_epoch(epoch)" in src and "training_data=data.trainset" in src
 
 
 def load(example, args):
     mod = load_example(example)
     cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1}
     with gloo():
-        if example == "03_cifar10_basic":  # its batch sizes as DeepSpeed checked them
+        if example != "02_cifar10":  # 01, 03: the batch sizes as DeepSpeed checked them
             checked = SimpleNamespace(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1)
             return mod.load_data(mod.parse_args([str(a) for a in args]), checked, CPU, torch.float32)
         return mod.load_data(mod.parse_args([str(a) for a in args]), cfg, "fp32", 0, 1, CPU)
@@ -369,16 +377,18 @@ def test_imagefolder_is_checked_image_by_image(example, tmp_path):
 
 
 def test_mnist_files_are_checked(tmp_path):
+    """torchvision checks each IDX file's header against its size; 01 checks labels 0-9, one per
+    image."""
     raw = make_mnist_idx(tmp_path / "d", 64, 32) / "MNIST" / "raw"
     args = ["--dataset", "mnist", "--data-dir", tmp_path / "d"]
-    assert len(load("01_basic_convnet", args).train.labels) == 64
+    assert len(load("01_basic_convnet", args).trainset) == 64
     images, labels = raw / "train-images-idx3-ubyte", raw / "train-labels-idx1-ubyte"
     good_images, good_labels = images.read_bytes(), labels.read_bytes()
     images.write_bytes(good_images[:5000])  # a fine header, a cut body
-    refused("01_basic_convnet", args, "train-images-idx3-ubyte", "corrupted")
+    refused("01_basic_convnet", args, "MNIST in", "corrupted", "--dataset synthetic")
     images.write_bytes(good_images)
     labels.write_bytes(good_labels[:8] + bytes([12]) + good_labels[9:])  # a label of 12
-    refused("01_basic_convnet", args, "train-labels-idx1-ubyte", "corrupted")
+    refused("01_basic_convnet", args, "corrupted", "up to 12")
     labels.write_bytes(b"\x00\x00\x08\x01" + (60).to_bytes(4, "big") + good_labels[8:68])
     refused("01_basic_convnet", args, "64 images", "60 labels")  # the two files disagree
 
@@ -493,8 +503,8 @@ def test_files_are_replaced_whole_never_written_in_place(example, tmp_path, monk
         return f
 
     with gloo():
-        own_clip = [] if example == "03_cifar10_basic" else [None]  # 03 has no clipping of its own
-        no_model_pt = [] if example == "03_cifar10_basic" else [False]  # 03 writes it every epoch
+        own_clip = [None] if example == "02_cifar10" else []  # 01, 03: DeepSpeed clips
+        no_model_pt = [False] if example == "02_cifar10" else []  # 01, 03 write it every epoch
         with pytest.raises(mod.UsageError, match="cannot write checkpoint"):
             mod.save_epoch(Engine(), run, args, {}, *own_clip, *no_model_pt)
         monkeypatch.setattr("builtins.open", full_disk_open)
@@ -530,6 +540,22 @@ def test_run_state_keeps_best_and_patience(example):
     assert mod.RunState(**json.loads(json.dumps({**vars(run), "rng": {}}))).history == run.history
 
 
+def test_01_flags_a_loss_plateau():
+    """01's plateau: the newest epoch is on one when each of the last --plateau-epochs epochs kept
+    the train loss within 1% of the loss of the epoch before them; a notice, not a stop."""
+    mod = load_example("01_basic_convnet")
+    losses = [2.0, 1.0, 0.995, 1.004, 0.992, 0.97, 0.5]
+    history = []
+    flagged = []
+    for epoch, loss in enumerate(losses, 1):
+        history.append({"epoch": epoch, "train_loss": loss})
+        flagged.append(mod.on_plateau(history, 3))
+    # epoch 5: 0.995, 1.004, 0.992 all within 1% of epoch 2's 1.0; epoch 6: 0.97 is not of 0.995
+    assert flagged == [False, False, False, False, True, False, False]
+    assert not mod.on_plateau(history[:5], 0)  # --plateau-epochs 0: off
+    assert mod.on_plateau([{"train_loss": 1.0}] * 3, 2) and not mod.on_plateau([{"train_loss": 1.0}] * 2, 2)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 42])
 def test_01_starts_near_chance_loss(seed):
     """Before the first step the model should be unsure, not confident and wrong: over its first ten
@@ -537,7 +563,7 @@ def test_01_starts_near_chance_loss(seed):
     output layer)."""
     mod = load_example("01_basic_convnet")
     torch.manual_seed(seed)  # as main() does before it builds the model
-    images, labels = mod.synthetic_digits(320, seed, 1)
+    images, labels = mod.synthetic_digits(320, seed, 1).tensors
     model = mod.CNNModelEnhanced()
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(images), labels).item()

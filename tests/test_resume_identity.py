@@ -126,8 +126,10 @@ def test_the_summary_names_only_files_this_run_wrote(example, sequences):
     paths = [b / n.strip().split("/")[-1] for n in names]
     assert (b / "model.pt").exists() and "model.pt" in [p.name for p in paths], saved[0]
     if example != "03_cifar10_basic":  # epoch 2 all skipped: the best epoch on test stays 1
-        assert m["final"]["best_epoch"] == 1 and m["final"]["model_epoch"] == 2, m["final"]
+        assert m["final"]["best_epoch"] == 1, m["final"]
         assert m["epochs"][1]["skipped_steps"] == SPEC[example]["steps"]
+    if example == "02_cifar10":  # its final summary says which epoch model.pt holds
+        assert m["final"]["model_epoch"] == 2, m["final"]
     assert paths and all(p.is_file() for p in paths), (saved[0], paths)
 
 
