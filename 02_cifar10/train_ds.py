@@ -59,11 +59,13 @@ OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this r
 
 
 class UsageError(Exception):
-    """A mistake in flags, config, files or data: one or two lines on stderr, exit code 2."""
+    """A mistake in flags, config, files or data: one or two lines on stderr."""
+    code = 2
 
 
 class TrainingDiverged(Exception):
-    """Too many non-finite steps in an epoch: a diagnosis on stderr and exit code 3."""
+    """Non-finite loss or gradients that DeepSpeed did not skip: a diagnosis."""
+    code = 3
 
 
 def main(args):
@@ -76,11 +78,11 @@ def main(args):
     check_output_dir(args)
     if resume:
         fit_to_checkpoint(cfg, resume, world)
-    rank, world, device = setup_distributed()
+    device = setup_distributed()
     torch.manual_seed(args.seed)
     clock.lap("setup")
 
-    data = load_data(args, cfg, dtype, rank, world, device)
+    data = load_data(args, cfg, dtype, device)
     clock.lap("data")  # decoded and on the device
     fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
     model = CIFAR10CNNEnhanced(len(data.classes))
@@ -174,30 +176,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def load_config(args, world, on_cpu):
-    """Read and check the DeepSpeed JSON before anything slow starts. It owns batch size,
-    precision, optimizer, scheduler and ZeRO; the script settles the precision (--dtype) and who
-    clips gradients. Returns (config, dtype, clip applied by the script or None)."""
-    try:
-        with open(args.deepspeed_config) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
-        message = f"DeepSpeed config {what}: {args.deepspeed_config} ({first_line(e)})"
-        raise UsageError(message) from None
+    """The DeepSpeed JSON, which owns batch size, precision, optimizer, scheduler and ZeRO, checked
+    before anything slow starts and set to the precision this run trains in; the script settles
+    who clips gradients. Returns (config, "fp32" | "fp16" | "bf16", clip by the script or None)."""
+    cfg = read_config(args.deepspeed_config)
     check_config(cfg, args.deepspeed_config, world)
-    # Precision, one rule in every example: DeepSpeed's own fp16 or bf16 section, else fp32.
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = next((k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")), "fp32")
-    if dtype == "fp16" and on_cpu:
-        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
-        dtype = "fp32"
-    fp16 = {**cfg.pop("fp16", {}), "enabled": True}  # the config's loss-scaling settings
-    cfg.pop("bf16", None)
-    if dtype == "fp16":
-        cfg["fp16"] = fp16
-    if dtype == "bf16":  # check_grad_overflow: DeepSpeed skips non-finite steps, any stage
-        cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    dtype = choose_precision(cfg, args.dtype, on_cpu, args.deepspeed_config)
     refuse_fp16_without_zero(cfg, args.deepspeed_config)
     batchnorm_buffers_follow_precision(cfg, dtype)
     # Who clips. In fp32 without ZeRO, DeepSpeed neither skips non-finite steps nor reports the
@@ -239,21 +223,24 @@ def fit_to_checkpoint(cfg, ckpt, world):
 
 
 def setup_distributed():
-    """(rank, world size, device). Under plain `python` it first sets what a launcher would."""
+    """The process group; returns this rank's device. Without a launcher (plain `python`) it
+    first sets the environment a launcher would set for one process."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    accel, local_rank = get_accelerator(), int(os.environ["LOCAL_RANK"])
-    if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    device = torch.device("cpu" if accel.device_name() == "cpu" else accel.device_name(local_rank))
-    return dist.get_rank(), dist.get_world_size(), device
+            s.bind(("127.0.0.1", 0))  # a free port
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
 
 
-def load_data(args, cfg, dtype, rank, world, device):
+def load_data(args, cfg, dtype, device):
     """CIFAR-10 is held on the device as uint8 (184 MB). Each epoch every rank crops, flips and
     normalizes its shard there in one go and steps through it in slices: no per-step copies."""
     if args.dataset == "synthetic":  # generated alike on every rank: nothing to read
@@ -267,7 +254,8 @@ def load_data(args, cfg, dtype, rank, world, device):
         cache = [args.data_dir, args.output_dir]
         dataset = rank0_first(lambda: load_imagefolder(args.data_dir, cache), device)
     (x, y), test, classes = dataset
-    on = {"dtype": DTYPES[dtype], "rank": rank, "world": world, "device": device}
+    on = {"dtype": DTYPES[dtype], "rank": dist.get_rank(), "world": dist.get_world_size(),
+          "device": device}
     val = None
     if args.val_split:  # a seeded choice of training images, the same on every rank
         if args.val_split >= len(y):
@@ -703,42 +691,41 @@ class Tally:
         loss, hits, norm, images, steps = total.tolist()
         skipped = int(self.skipped.item())
         if skipped >= args.max_bad_steps:
-            raise TrainingDiverged(f"{skipped} non-finite steps in epoch {run.epoch + 1}")
+            raise TrainingDiverged(
+                f"training diverged: {skipped} non-finite steps in epoch {run.epoch + 1}; nothing "
+                "was learned from them.\n  check: the data for NaN/Inf, a lower learning rate, "
+                "gradient_clipping > 0, --dtype fp32 or bf16")
         accuracy = 100 * hits / max(images, 1)
         return loss / max(images, 1), accuracy, norm / max(steps, 1), int(images), skipped
 
 
 def run(argv=None):
-    """main() as a command: a user's mistake ends in one or two lines and exit code 2, divergence
-    in 3, Ctrl-C in 130, SIGTERM in 143 (naming the checkpoint to resume from), as when the
-    launcher is gone or another rank stopped first; then teardown."""
+    """main() as a command: exit code 2 for a user's mistake (one or two lines), 3 for divergence,
+    130 for Ctrl-C, 143 for SIGTERM (also when the launcher or another rank is gone); a stopped
+    run names its last checkpoint and the command that continues it."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     watch_launcher()
     quiet_known_messages()
-    code, args, rank0 = 1, None, os.environ.get("RANK", "0") == "0"
+    code = 1
+    args = None
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
         args = parse_args(argv)
         code = main(args)
-    except UsageError as e:
-        code = 2
-        print(f"error: {e}", file=sys.stderr) if rank0 else time.sleep(3)  # let rank 0 say why
-    except TrainingDiverged as e:
-        code = 3
-        print(f"error: training diverged: {e}; nothing was learned from them.\n  check: the data "
-              "for NaN/Inf, a lower learning rate, gradient_clipping > 0, --dtype fp32 or bf16",
-              file=sys.stderr) if rank0 else None
+    except (UsageError, TrainingDiverged) as e:
+        code = e.code
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(3)  # let rank 0 say why before the launcher ends every rank
     except (KeyboardInterrupt, SystemExit, RuntimeError) as e:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a launcher's second signal: let us finish
             signal.signal(sig, signal.SIG_IGN)
         if isinstance(e, RuntimeError) and not from_a_collective(e):
             raise
         code = 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "code", 143)
-        latest = f"{args.output_dir}/checkpoints/latest" if args else ""
-        if rank0 and os.path.isfile(latest):
-            with open(latest) as f:
-                epoch = int(f.read().strip()[5:])
-            print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; "
-                  f"{how_to_resume(args)}", file=sys.stderr)
+        if rank0 and args:
+            print_how_to_resume(args)
     finally:
         if dist.is_initialized():
             if code == 0:  # every rank waits for rank 0's last files before tearing down
@@ -749,18 +736,25 @@ def run(argv=None):
     return code
 
 
-def how_to_resume(args):
-    """The command that continues this run: --resume takes every other flag from the checkpoint."""
+def print_how_to_resume(args):
+    """The epoch a stopped run's `latest` checkpoint holds, and the command that continues the run:
+    --resume takes every other flag from the checkpoint. Nothing before the first checkpoint."""
+    latest = f"{args.output_dir}/checkpoints/latest"
+    if not os.path.isfile(latest):
+        return
+    with open(latest) as f:
+        epoch = int(f.read().strip()[5:])  # "epoch0004"
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_SIZE", world))  # this node's ranks (DeepSpeed's launcher)
+    launcher = f"deepspeed --num_gpus={local}"
     if "LOCAL_RANK" not in os.environ:  # plain `python`, one process
         launcher = "python"
     elif world > local:  # several nodes
         launcher = "deepspeed --hostfile=HOSTFILE"
-    else:
-        launcher = f"deepspeed --num_gpus={local}"
     script = shlex.quote(sys.argv[0])
-    return f"to continue: {launcher} {script} --output-dir {shlex.quote(args.output_dir)} --resume"
+    print(f"stopped: epoch {epoch} is checkpointed in {os.path.dirname(latest)}; to continue: "
+          f"{launcher} {script} --output-dir {shlex.quote(args.output_dir)} --resume",
+          file=sys.stderr)
 
 
 def from_a_collective(e):
@@ -783,8 +777,7 @@ def first_line(e):
 @functools.cache  # one watcher per process, however many runs it holds
 def watch_launcher():
     """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
-    ranks training. So a launched rank checks every second that its parent, and launch.py's, still
-    run (a dying process's children get another parent), else stops as on SIGTERM."""
+    ranks training. So a rank checks every second that its parent (and launch.py's) still runs."""
     if "LOCAL_RANK" not in os.environ:  # plain `python`: no launcher
         return
     links = [(os.getpid(), parent_pid(os.getpid()))]
@@ -793,7 +786,7 @@ def watch_launcher():
             links.append((links[0][1], parent_pid(links[0][1])))
 
     def watch():
-        while all(parent_pid(pid) == parent for pid, parent in links):
+        while all(parent_pid(pid) == parent for pid, parent in links):  # else reparented: gone
             time.sleep(1)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -823,21 +816,19 @@ def check_args(args):
 def read_checkpoint(args, model_class):
     """The checkpoint --resume names, read and checked before DeepSpeed starts. Flags not given
     again come from it; another dataset, data, seed or model needs --allow-changes."""
-    d = args.resume or args.output_dir
-    folder = d if os.path.isfile(f"{d}/latest") else f"{d}/checkpoints"
+    folder = f"{args.resume or args.output_dir}/checkpoints"
     if not os.path.isfile(f"{folder}/latest"):
-        raise UsageError(f"--resume: no checkpoint in {d} (no {folder}/latest)")
+        raise UsageError(f"--resume: no checkpoint in {folder} (no `latest` file)")
     with open(f"{folder}/latest") as f:
         tag = f.read().strip()
-    files = sorted(glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_.*
-    try:  # DeepSpeed's own file: the model, its config and counters, and the RunState
+    files = glob.glob(f"{folder}/{tag}/*mp_rank_00_model_states.pt")  # ZeRO-3: zero_pp_rank_0_...
+    try:  # DeepSpeed's own file: its config and counters, and our client_state
         state = torch.load(files[0], weights_only=False)
     except Exception as e:  # noqa: BLE001 - missing, truncated or foreign files: user-facing
         raise UsageError(f"--resume: cannot load {folder}/{tag}: {first_line(e)}") from None
-    example = state.get("example") if isinstance(state, dict) else None
-    if example != EXAMPLE:
-        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE} but {example}")
-    was = state.get("run", {}).get("identity")
+    if not isinstance(state, dict) or state.get("example") != EXAMPLE:
+        raise UsageError(f"--resume: {folder}/{tag} is not a checkpoint of {EXAMPLE}")
+    was = state["run"].get("identity")
     if not was and not args.allow_changes:
         raise UsageError(f"--resume: {folder}/{tag} does not record its run's dataset, seed and "
                          "flags (an older script wrote it); --allow-changes resumes it as told")
@@ -850,26 +841,28 @@ def read_checkpoint(args, model_class):
             raise UsageError(f"--resume: {folder}/{tag} holds another run: {'; '.join(changed)} "
                              "(checkpoint -> this command); leave such flags out to continue "
                              "it, or add --allow-changes if the change is meant")
-    if state.get("run", {}).get("epoch", 0) >= args.epochs:
+    if state["run"]["epoch"] >= args.epochs:
         raise UsageError(f"--resume: {folder}/{tag} has trained all {args.epochs} epochs; raise "
                          "--epochs to train on")
-    return SimpleNamespace(folder=folder, tag=tag, state=state, universal=False)
+    # Under ZeRO each rank holds its part of the optimizer state: fit_to_checkpoint converts it
+    # for another rank count.
+    return SimpleNamespace(folder=folder, tag=tag, state=state)
 
 
 def take_flags(args, given):
     """The flags the checkpoint's run was given, where this command does not give them again;
-    where to write, when to stop early and what to resume are this command's own."""
+    where to write, when to stop and what to resume are this command's own."""
     own = ("resume", "output_dir", "overwrite", "max_steps", "allow_changes")
     taken = {k: v for k, v in given.items() if k not in args.given and k not in own}
     vars(args).update(taken)
     args.given.update(taken)
     if taken:
-        say("Flags      : from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
+        say("Flags from the checkpoint: " + " ".join(f"{k}={v}" for k, v in taken.items()))
 
 
 def identity(args, model_class):
-    """What makes a run this run, saved in its checkpoints: --resume refuses another dataset, data,
-    seed or model, and takes the flags ("args") the user gave where they are not given again."""
+    """What makes a run this run, saved in its checkpoints: the dataset and a fingerprint of its
+    files, the seed, the model, and the flags the user gave ("args")."""
     return {"dataset": args.dataset, "data": data_fingerprint(args), "seed": args.seed,
             "model": model_class.__name__, "args": args.given}
 
@@ -892,6 +885,39 @@ def data_fingerprint(args):
     return f"{len(files)} files, {digest.hexdigest()[:12]}"
 
 
+def read_config(path):
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        what = "not found" if isinstance(e, FileNotFoundError) else "not valid JSON"
+        raise UsageError(f"DeepSpeed config {what}: {path} ({first_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"DeepSpeed config {path}: not a JSON object {{...}}")
+    if not isinstance(cfg.get("optimizer"), dict):  # else DeepSpeed fails at the first backward
+        raise UsageError(f"{path}: optimizer = {json.dumps(cfg.get('optimizer'))}: the engine "
+                         "builds its optimizer from this JSON object {\"type\", \"params\"}")
+    return cfg
+
+
+def choose_precision(cfg, dtype, on_cpu, path):
+    """--dtype, else the config's fp16 or bf16 section, else fp32; the config is made to say so."""
+    enabled = [k for k in ("fp16", "bf16") if cfg.get(k, {}).get("enabled")]
+    if len(enabled) > 1:
+        raise UsageError(f"{path}: fp16.enabled and bf16.enabled: enable one of them at most")
+    if dtype == "auto":
+        dtype = enabled[0] if enabled else "fp32"
+    if dtype == "fp16" and on_cpu:
+        say("notice: fp16 is not supported on the CPU; training in fp32 instead")
+        dtype = "fp32"
+    sections = {"fp16": cfg.pop("fp16", {}), "bf16": cfg.pop("bf16", {})}
+    if dtype != "fp32":
+        cfg[dtype] = {**sections[dtype], "enabled": True}
+    if dtype == "bf16":  # without it DeepSpeed's bf16 applies a step with non-finite gradients
+        cfg["bf16"]["check_grad_overflow"] = True
+    return dtype
+
+
 def check_config(cfg, path, world):
     """What DeepSpeed would reject late, vaguely or not at all; each message names the key, the
     value and what is allowed. DeepSpeed's parser checks the rest (check_keys_deepspeed_reads)."""
@@ -902,9 +928,8 @@ def check_config(cfg, path, world):
     def num(v):
         return type(v) in (int, float)  # not bool
 
-    need(isinstance(cfg, dict), "the file", "...", "one JSON object {...}")
-    for key in ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast",
-                "csv_monitor", "tensorboard"):
+    for key in ("scheduler", "zero_optimization", "fp16", "bf16", "torch_autocast", "csv_monitor",
+                "tensorboard"):  # the optimizer: read_config
         need(isinstance(cfg.get(key, {}), dict), key, cfg.get(key), "a JSON object {...}")
     cfg.setdefault("gradient_accumulation_steps", 1)
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
@@ -928,8 +953,6 @@ def check_config(cfg, path, world):
          "0, 1, 2 or 3")
     clip = cfg.get("gradient_clipping", 0)
     need(num(clip) and clip >= 0, "gradient_clipping", clip, "a number >= 0 (0: off)")
-    need(not (cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled")),
-         "fp16.enabled and bf16.enabled", True, "one of them at most")
     need(not cfg.get("torch_autocast", {}).get("enabled"), "torch_autocast.enabled", True,
          "false; this script uses DeepSpeed's bf16 or fp16 section (or --dtype) instead")
     need(not cfg.get("tensorboard", {}).get("enabled") or importlib.util.find_spec("tensorboard"),
@@ -966,30 +989,22 @@ def check_constructor_params(cfg, path):
 
 
 def check_output_dir(args):
-    """Never replace a run silently, and check that --output-dir can be written before anything
-    slow starts. Rank 0 claims the directory first, so that two runs cannot both pass; --overwrite
-    sets the old run aside in .replaced/ (settle_set_aside). A run that wrote nothing leaves
-    nothing behind (release_output_dir)."""
+    """Never replace a run silently. Rank 0 holds --output-dir first, so that two runs cannot both
+    pass; --overwrite sets the old run aside in .replaced/ until the new one has a checkpoint."""
     out = args.output_dir
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-        raise UsageError(f"cannot write to --output-dir {out}: {parent} is no writable directory")
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         claim_output_dir(out)
         settle_set_aside(out)  # a run killed while it replaced this one
-    held = [f for f in ("metrics.json", "model.pt", "checkpoints") if os.path.exists(f"{out}/{f}")]
-    same = args.resume is not None and os.path.realpath(args.resume or out) in (
-        os.path.realpath(out), os.path.realpath(f"{out}/checkpoints"))
-    if held and not (args.overwrite or same):
+    held = [f for f in RUN_FILES if os.path.exists(f"{out}/{f}")]
+    here = os.path.realpath(out)
+    resuming_it = args.resume is not None and os.path.realpath(args.resume or out) == here
+    if held and not (args.overwrite or resuming_it):
         raise UsageError(f"--output-dir {out} already holds a run ({', '.join(held)}).\nAdd "
                          "--resume to continue it, --overwrite to replace it, or choose another")
-    old = [f for f in RUN_FILES if os.path.exists(f"{out}/{f}")]  # monitor/: csv rows would append
-    if old and args.overwrite and rank0:  # gathered, then renamed: a kill -9 never splits them
+    if held and args.overwrite and rank0:  # gathered, then renamed: a kill -9 never splits them
         os.mkdir(f"{out}/.moving")
-        for f in old:
+        for f in held:
             os.rename(f"{out}/{f}", f"{out}/.moving/{f}")
         os.rename(f"{out}/.moving", f"{out}/.replaced")
 
@@ -998,8 +1013,11 @@ def claim_output_dir(out):
     """Hold --output-dir while this run runs: an flock on a file in it, which the kernel drops
     however the process ends, kill -9 included. A second run is refused, naming the holder."""
     made = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(f"{out}/.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(f"{out}/.lock", os.O_RDWR | os.O_CREAT)
+    except OSError as e:  # under a file, no permission, a read-only disk
+        raise UsageError(f"cannot write to --output-dir {out}: {first_line(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1011,16 +1029,14 @@ def claim_output_dir(out):
     if os.fstat(fd).st_nlink == 0:  # its last holder removed it as we opened it: a new one
         os.close(fd)
         return claim_output_dir(out)
-    holder = f"pid {os.getpid()} on {socket.gethostname()}".encode()
-    os.pwrite(fd, holder, 0)
-    os.ftruncate(fd, len(holder))
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     OWNED.update(fd=fd, made=made)
 
 
 def settle_set_aside(out):
     """Finish what --overwrite began: the old run in .replaced/ goes once the new run has saved a
-    checkpoint, else it is put back (the new run failed or was killed before its first). What
-    .moving/ holds is on its way, with nothing of the new run in its place."""
+    checkpoint, else it comes back (the new run failed first); so does one left in .moving/."""
     if os.path.isdir(f"{out}/.replaced") and os.path.isfile(f"{out}/checkpoints/latest"):
         shutil.rmtree(f"{out}/.replaced")
     elif os.path.isdir(f"{out}/.replaced"):
@@ -1039,9 +1055,8 @@ def settle_set_aside(out):
 
 
 def release_output_dir(args):
-    """Rank 0, at the end of every run: settle --overwrite's old run, then give the directory up
-    (the file goes first, so that a run waiting on it takes a new one) and remove it if this run
-    made it and left it empty."""
+    """Rank 0, at the end of every run: settle --overwrite's old run, give the directory up (the
+    lock file goes first) and remove it if this run made it and left it empty."""
     if "fd" not in OWNED:
         return
     settle_set_aside(args.output_dir)
@@ -1368,14 +1383,17 @@ def check_keys_deepspeed_reads(cfg, path):
 
 @contextlib.contextmanager
 def config_errors_in_one_line(path):
-    """deepspeed.initialize passes on the optimizer's or scheduler's own errors (a negative warmup,
-    betas of one number) with a traceback; the engine's method in its frames names the section."""
+    """deepspeed.initialize passes on its own check of the optimizer's name, and the optimizer's or
+    scheduler's errors (a negative warmup, betas of one number), with a traceback; the engine's
+    method in its frames names the section of the config."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - any other error goes on as it is
         frames = {frame.name for frame in traceback.extract_tb(e.__traceback__)}
-        for section, built_in in (("optimizer", "optimizer"), ("scheduler", "lr_scheduler")):
-            if f"_configure_{built_in}" in frames:
+        sections = {"_do_sanity_check": "DeepSpeed's check", "_configure_optimizer": "optimizer",
+                    "_configure_lr_scheduler": "scheduler"}
+        for method, section in sections.items():
+            if method in frames:
                 raise UsageError(f"{path}: {section}: {first_line(e)}") from None
         raise
 
