@@ -20,7 +20,7 @@ SCRIPTS = {e: REPO / e / "train_ds.py" for e in EXAMPLES}
 # across GPU counts, ZeRO-3, monitors and the workarounds included): new features must fit or
 # make room. 03, rewritten as the first rung, is held where the rewrite left it; its target is
 # 400 (STYLE.md), which the shared plumbing of the core contract alone does not fit today.
-CAPS = {"lines": {"01_basic_convnet": 1020, "02_cifar10": 1436, "03_cifar10_basic": 918},
+CAPS = {"lines": {"01_basic_convnet": 1020, "02_cifar10": 1454, "03_cifar10_basic": 918},
         "main": 80, "other_function": 50, "line": 100}
 WORKAROUNDS = "DeepSpeed 0.19.8 workarounds"
 # Environment variables an example may read: the launcher's and Weights & Biases' own.
@@ -139,20 +139,20 @@ SHARED = {
     ALL: ["Parser", "say", "first_line", "parent_pid", "rank0_first",
           "plain_weights", "atomic_write", "plot_curves", "refuse_fp16_without_zero",
           "quiet_known_messages", "release_shm_buffer",
-          "from_a_collective"],
+          "from_a_collective",
+          # the lean core: input, the output-dir guard, --resume's identity, stopping
+          "UsageError", "setup_distributed", "read_config", "choose_precision",
+          "config_errors_in_one_line", "take_flags", "identity", "check_output_dir",
+          "claim_output_dir", "settle_set_aside", "release_output_dir", "watch_launcher"],
     # 01 is 03's core and lesson with the training features around them
-    ("01_basic_convnet", "03_cifar10_basic"): ["UsageError", "setup_distributed",
-                                               "check_with_deepspeed", "train_batches",
+    ("01_basic_convnet", "03_cifar10_basic"): ["check_with_deepspeed", "train_batches",
                                                "evaluate", "restore", "save_epoch",
                                                "write_metrics", "quality", "read_checkpoint",
-                                               "take_flags", "identity", "data_fingerprint",
-                                               "load_config", "read_config", "choose_precision",
-                                               "check_output_dir", "claim_output_dir",
-                                               "settle_set_aside", "release_output_dir", "run",
-                                               "watch_launcher", "config_errors_in_one_line",
+                                               "data_fingerprint", "load_config", "run",
                                                "stop_loader_workers"],
     # 02 keeps its own plumbing; with 01 it shares the training features it has too
     ("01_basic_convnet", "02_cifar10"): ["fill_schedule", "init_wandb"],
+    ("02_cifar10", "03_cifar10_basic"): ["TrainingDiverged"],
 }
 
 
