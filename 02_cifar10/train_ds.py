@@ -82,7 +82,7 @@ def main(args):
     torch.manual_seed(args.seed)
     clock.lap("setup")
 
-    data = load_data(args, cfg, dtype, device)
+    data = load_data(args, cfg, dtype, dist.get_rank(), dist.get_world_size(), device)
     clock.lap("data")  # decoded and on the device
     fill_schedule(cfg, args, len(data.train) // cfg["gradient_accumulation_steps"])
     model = CIFAR10CNNEnhanced(len(data.classes))
@@ -240,7 +240,7 @@ def setup_distributed():
     return torch.device(accelerator.device_name(local_rank))
 
 
-def load_data(args, cfg, dtype, device):
+def load_data(args, cfg, dtype, rank, world, device):
     """CIFAR-10 is held on the device as uint8 (184 MB). Each epoch every rank crops, flips and
     normalizes its shard there in one go and steps through it in slices: no per-step copies."""
     if args.dataset == "synthetic":  # generated alike on every rank: nothing to read
@@ -254,8 +254,7 @@ def load_data(args, cfg, dtype, device):
         cache = [args.data_dir, args.output_dir]
         dataset = rank0_first(lambda: load_imagefolder(args.data_dir, cache), device)
     (x, y), test, classes = dataset
-    on = {"dtype": DTYPES[dtype], "rank": dist.get_rank(), "world": dist.get_world_size(),
-          "device": device}
+    on = {"dtype": DTYPES[dtype], "rank": rank, "world": world, "device": device}
     val = None
     if args.val_split:  # a seeded choice of training images, the same on every rank
         if args.val_split >= len(y):
