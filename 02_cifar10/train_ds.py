@@ -71,7 +71,9 @@ class TrainingDiverged(Exception):
 def main(args):
     start = time.time()
     clock = Stopwatch()  # where this process's time goes: one `phases:` line at the end
-    resume = read_checkpoint(args, CIFAR10CNNEnhanced) if args.resume is not None else None
+    resume = None
+    if args.resume is not None:  # read first: flags not given again come from it
+        resume = read_checkpoint(args, CIFAR10CNNEnhanced)
     world = int(os.environ.get("WORLD_SIZE", 1))  # the launcher's; 1 under plain python
     on_cpu = get_accelerator().device_name() == "cpu"
     cfg, dtype, own_clip = load_config(args, on_cpu)  # read before anything slow starts
@@ -94,7 +96,9 @@ def main(args):
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=cfg)
     skip_on_the_device(engine.optimizer, own_clip)
-    run = restore(engine, resume) if resume else RunState()  # epoch, best, history, RNG
+    run = RunState()
+    if resume:
+        run = restore(engine, resume)  # load_checkpoint; then epoch, best, history, RNG
     run.identity = identity(args, CIFAR10CNNEnhanced)  # saved with every checkpoint
     resumed_at = run.epoch  # with --val-split, this run writes model.pt if an epoch beats it
     print_banner(args, cfg, dtype, own_clip, engine, data)
@@ -337,10 +341,13 @@ class CIFAR10CNNEnhanced(nn.Module):
 
     def __init__(self, num_classes=10):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
         self.pool = nn.MaxPool2d(2)
-        self.fc1, self.fc2 = nn.Linear(32 * 8 * 8, 128), nn.Linear(128, num_classes)
+        self.fc1 = nn.Linear(32 * 8 * 8, 128)
+        self.fc2 = nn.Linear(128, num_classes)
         for m in self.modules():  # Kaiming/He (fan_in) for ReLU layers; linear weights halved
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -584,22 +591,9 @@ def evaluate(engine, batches, classes, args):
 def predict(model, images, args):
     """Logits for evaluation; with --tta-flip averaged over each image and its mirror image."""
     logits = model(images).float()
-    return (logits + model(images.flip(3)).float()) / 2 if args.tta_flip else logits
-
-
-def epoch_line(row, args, best):
-    """The line that ends an epoch: global numbers, the same on every rank."""
-    parts = [f"epoch {row['epoch']:3d}/{args.epochs}",
-             f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:6.2f}%"]
-    if "val_accuracy" in row:
-        parts.append(f"val acc {row['val_accuracy']:6.2f}%")
-    parts += [f"test loss {row['test_loss']:.4f} acc {row['test_accuracy']:6.2f}%",
-              f"grad norm {row['grad_norm']:.4f}", f"lr {row['lr']:.3e}",
-              f"skipped {row['skipped_steps']}",
-              f"{row['epoch_time_s']:.1f}s {row['images_per_s']:,.0f} img/s"]
-    if best:
-        parts.append("best")
-    return " | ".join(parts)
+    if args.tta_flip:
+        logits = (logits + model(images.flip(3)).float()) / 2
+    return logits
 
 
 def save_epoch(engine, run, args, cfg, own_clip, write_model):
@@ -607,7 +601,8 @@ def save_epoch(engine, run, args, cfg, own_clip, write_model):
     where write_model. Rank 0: model.pt, then the `latest` pointer by rename (a crash mid-save
     leaves the previous checkpoint in force) and metrics.json; only the latest and best epochs'
     checkpoints are kept."""
-    ckpt, tag = f"{args.output_dir}/checkpoints", f"epoch{run.epoch:04d}"
+    ckpt = f"{args.output_dir}/checkpoints"
+    tag = f"epoch{run.epoch:04d}"
     run.rng = {"cpu": torch.get_rng_state(), "device": get_accelerator().get_rng_state()}
     weights = plain_weights(engine) if write_model else None  # a collective under ZeRO-3
     if weights and dist.get_rank() == 0:
@@ -1131,10 +1126,13 @@ def load_imagefolder(root, cache_dirs):
     """root/{train,test}/<class>/<image>, the same class folders in both (sorted, they give the
     labels). Every image is decoded once, which also checks it; the result is kept beside the data
     (or in --output-dir) under a key of the files' names, sizes and times: later runs load it."""
-    files, classes = {}, {}
+    files = {}  # split: [(path, label)]
+    classes = {}  # split: class folder names, sorted
     for split in ("train", "test"):
         d = os.path.join(root, split)
-        found = sorted(e.name for e in os.scandir(d) if e.is_dir()) if os.path.isdir(d) else []
+        found = []
+        if os.path.isdir(d):
+            found = sorted(e.name for e in os.scandir(d) if e.is_dir())
         classes[split] = found
         files[split] = [(e.path, label) for label, c in enumerate(classes[split])
                         for e in sorted(os.scandir(os.path.join(d, c)), key=lambda e: e.name)]
@@ -1206,9 +1204,25 @@ def decode_image(path):
         return None
 
 
+def epoch_line(row, args, best):
+    """The line that ends an epoch: global numbers, the same on every rank."""
+    parts = [f"epoch {row['epoch']:3d}/{args.epochs}",
+             f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:6.2f}%"]
+    if "val_accuracy" in row:
+        parts.append(f"val acc {row['val_accuracy']:6.2f}%")
+    parts += [f"test loss {row['test_loss']:.4f} acc {row['test_accuracy']:6.2f}%",
+              f"grad norm {row['grad_norm']:.4f}", f"lr {row['lr']:.3e}",
+              f"skipped {row['skipped_steps']}",
+              f"{row['epoch_time_s']:.1f}s {row['images_per_s']:,.0f} img/s"]
+    if best:
+        parts.append("best")
+    return " | ".join(parts)
+
+
 def report(run, test, data, args, cfg, own_clip, wandb_run, model_saved):
     """The final summary, rated on held-out test accuracy, with train accuracy beside it."""
-    last, tier_text = run.history[-1], quality(run.history[-1]["test_accuracy"])
+    last = run.history[-1]
+    tier_text = quality(last["test_accuracy"])
     model_epoch = run.epoch  # model.pt: the last epoch, or the best on --val-split images
     chosen = "the last"
     if data.val:
@@ -1398,8 +1412,10 @@ def reduce_unless_alone(engine):
 def monitor_resumes_at(engine, samples):
     """DeepSpeed's csv monitor appends, and writes a file's header again in a new process: on
     resume, drop the rows past the checkpoint and tell it the headers are there."""
-    csv = engine.monitor.csv_monitor if engine.monitor.enabled else None
-    for path in glob.glob(f"{csv.log_dir}/*.csv") if csv and dist.get_rank() == 0 else ():
+    csv = engine.monitor.csv_monitor  # None unless the config enables it
+    if csv is None or dist.get_rank() != 0:
+        return
+    for path in glob.glob(f"{csv.log_dir}/*.csv"):
         with open(path) as f:
             header, *rows = f.readlines()
         kept = [row for row in rows if int(float(row.split(",")[0])) <= samples]
