@@ -34,6 +34,7 @@ def row(folder):
         "median_test_accuracy": statistics.median(r["test_accuracy"] for r in timing["runs"]),
         "all_runs": timing["runs"],
         "seeds": [r["seed"] for r in timing["runs"] if r.get("seed") is not None],
+        "files_of_run": timing["median_run"],
         "concurrent": timing.get("concurrent", False),
     }
 
@@ -58,10 +59,12 @@ def table(index):
         accuracy = f"{r['test_accuracy']:.2f}%"
         if r["runs"] > 1:
             exit_s += f" (median of {r['runs']}; worst {r['worst_launcher_to_exit_s']:.1f} s)"
-        if r["seeds"]:
+        if r["seeds"]:  # the median over the seeds; the folder's files are one seed's run
             spread = [x["test_accuracy"] for x in r["all_runs"]]
-            accuracy += (f" (median of seeds {', '.join(map(str, r['seeds']))}; "
-                         f"{min(spread):.2f}-{max(spread):.2f}%)")
+            files = r["all_runs"][r["files_of_run"] - 1]["seed"]
+            accuracy = (f"{r['median_test_accuracy']:.2f}% (median of seeds "
+                        f"{', '.join(map(str, r['seeds']))}: {min(spread):.2f}-{max(spread):.2f}%; "
+                        f"files: seed {files})")
         if r["concurrent"]:
             exit_s += " (its runs at once on one GPU)"
         lines.append(f"| {r['example']} | {r['recipe']} | {r['precision']} | {r['hardware']} | "
@@ -83,8 +86,13 @@ and `timing.json` with every repeat. *Launcher to exit* is timed around the `dee
 *script wall* is the script's own training-loop time (`wall_time_s` in metrics.json). Where a row ran
 several times, the files and the accuracy are those of the run with the median launcher-to-exit time;
 where it ran once per seed, of the run with the median accuracy, with the seeds' spread beside it.
-Rows marked "at once" ran their seeds side by side on one GPU (small CPU-bound batches): their times
-include waiting for each other and are not the time of a run alone.
+Rows marked "at once" ran side by side with other runs on one GPU (small CPU-bound batches; each
+launch on its own `--master_port`): their times include waiting for each other and are not the time
+of a run alone.
+
+The `h200` rows measured the scripts as they were before the three examples became rungs of one
+ladder (committed in 911bf29, 2026-12-02); the `h100` rows measure the
+current scripts (2026-12-06; 02 at commit 8aad5b9). The two kinds of card are not compared here.
 
 The CIFAR-10 runs read a public JPEG export of CIFAR-10 (50,000 train and 10,000 test images, 32x32,
 in `train/<class>/` and `test/<class>/`), not the official pickled batches, which cannot be downloaded

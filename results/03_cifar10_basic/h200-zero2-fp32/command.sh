@@ -1,5 +1,0 @@
-#!/usr/bin/env bash
-# 03 seed recipe with ds_config_zero2.json (fp32, ZeRO-2), real CIFAR-10 as JPEGs, one H200
-# Run from the repository root; RUN_DIR sets the output folder.
-deepspeed --num_gpus=1 03_cifar10_basic/train_ds.py --deepspeed --dataset imagefolder --data-dir /tmp/cifar10-jpeg \
-  --deepspeed_config 03_cifar10_basic/ds_config_zero2.json --output-dir "${RUN_DIR:-runs/03-zero2-fp32}"
