@@ -98,7 +98,7 @@ def main(args):
     skip_on_the_device(engine.optimizer, own_clip)
     run = RunState()
     if resume:
-        run = restore(engine, resume)  # load_checkpoint; then epoch, best, history, RNG
+        run = resume_run(engine, resume)  # load_checkpoint; then epoch, best, history, RNG
     run.identity = identity(args, CIFAR10CNNEnhanced)  # saved with every checkpoint
     resumed_at = run.epoch  # with --val-split, this run writes model.pt if an epoch beats it
     print_banner(args, cfg, dtype, own_clip, engine, data)
@@ -406,27 +406,36 @@ class RunState:
         return None
 
 
-def restore(engine, ckpt):
-    """Weights, optimizer and LR schedule through DeepSpeed; then the loop's RunState."""
-    if ckpt.universal:  # rank 0 converts it once, beside the original; then every rank reads it
+def resume_run(engine, ckpt):
+    """restore() with what 02 adds around it: a ZeRO checkpoint of another rank count is first
+    converted to DeepSpeed's universal form (rank 0, once, beside the original); after it, the LR
+    schedule goes on from the samples seen (the global batch may have changed), and the csv
+    monitor forgets the rows past the checkpoint."""
+    if ckpt.universal:
         if dist.get_rank() == 0 and not os.path.isdir(f"{ckpt.folder}/{ckpt.tag}_universal"):
             say(f"Converting : {ckpt.folder}/{ckpt.tag} to DeepSpeed's universal checkpoint")
             to_universal(f"{ckpt.folder}/{ckpt.tag}", f"{ckpt.folder}/{ckpt.tag}_universal")
-        dist.barrier()
+        dist.barrier()  # every rank reads what rank 0 wrote
         ckpt.tag += "_universal"
+    run = restore(engine, ckpt)
+    samples = ckpt.state["global_samples"]
+    if engine.train_batch_size() != ckpt.global_batch and engine.lr_scheduler:
+        engine.lr_scheduler.last_batch_iteration = samples // engine.train_batch_size() - 1
+    monitor_resumes_at(engine, samples)
+    return run
+
+
+def restore(engine, ckpt):
+    """Weights, optimizer and LR schedule through DeepSpeed; then the loop's RunState."""
     try:
         engine.load_checkpoint(ckpt.folder, tag=ckpt.tag, load_lr_scheduler_states=True)
     except Exception as e:  # noqa: BLE001 - a truncated shard, another model: user-facing
         raise UsageError(f"--resume: cannot load {ckpt.folder}/{ckpt.tag}: {first_line(e)}"
                          ) from None
-    if engine.train_batch_size() != ckpt.global_batch and engine.lr_scheduler:  # the schedule
-        samples = ckpt.state["global_samples"]  # goes on from the samples seen, not the steps
-        engine.lr_scheduler.last_batch_iteration = samples // engine.train_batch_size() - 1
     run = RunState(**ckpt.state["run"])
     torch.set_rng_state(run.rng["cpu"])
     get_accelerator().set_rng_state(run.rng["device"])
-    monitor_resumes_at(engine, ckpt.state["global_samples"])
-    say(f"Resumed    : {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
+    say(f"Resumed {ckpt.folder}/{ckpt.tag}, continuing at epoch {run.epoch + 1}")
     return run
 
 
