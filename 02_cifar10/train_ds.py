@@ -148,9 +148,11 @@ def parse_args(argv=None):
              "--data-dir/{train,test}/<class>/<image>; synthetic: generated, offline")
     add("--data-dir", default="./data", help="where the dataset is read or downloaded")
     add("--output-dir", default=f"runs/{EXAMPLE}", help="checkpoints, model.pt, metrics.json")
-    add("--resume", nargs="?", const="", metavar="DIR", help="continue from DIR's last checkpoint "
-        "(default: --output-dir)")
-    add("--overwrite", action="store_true", help="replace the run already in --output-dir")
+    again = p.add_mutually_exclusive_group()  # a run in --output-dir: continue it, or replace it
+    again.add_argument("--resume", nargs="?", const="", metavar="DIR",
+                       help="continue the run in DIR (default: --output-dir)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output-dir")
     add("--allow-changes", action="store_true", help="--resume with another dataset, data, "
         "seed or model than the checkpoint's")
     add("--seed", type=int, default=42, help="init, data order and augmentation")
@@ -823,8 +825,6 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
     if not 0 <= args.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1), not {args.label_smoothing}")
-    if args.resume is not None and args.overwrite:
-        raise UsageError("--resume continues the run in --output-dir, --overwrite replaces it")
 
 
 def read_checkpoint(args, model_class):
