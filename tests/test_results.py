@@ -43,9 +43,9 @@ def test_folder_is_named_after_what_it_measured_and_holds_the_run(folder):
 
 
 def quoted_figures(text):
-    """(line, kind, value) for each accuracy (81.12%) and time (57.8 s) on a line naming the H200."""
+    """(line, kind, value) for each accuracy (81.12%) and time (57.8 s) on a line naming an H100 or H200."""
     for line in text.splitlines():
-        if "H200" in line:
+        if "H200" in line or "H100" in line:
             for a in re.findall(r"(\d+\.\d\d) ?%", line):
                 yield line, "accuracy", float(a)
             for t in re.findall(r"(\d+\.\d) s\b", line):
