@@ -92,7 +92,7 @@ of a run alone.
 
 The `h200` rows measured the scripts as they were before the three examples became rungs of one
 ladder (committed in 911bf29, 2026-12-02); the `h100` rows measure the
-current scripts (2026-12-06; 02 at commit 8aad5b9). The two kinds of card are not compared here.
+scripts at commit 8aad5b9 (2026-12-06). The two kinds of card are not compared here.
 
 The CIFAR-10 runs read a public JPEG export of CIFAR-10 (50,000 train and 10,000 test images, 32x32,
 in `train/<class>/` and `test/<class>/`), not the official pickled batches, which cannot be downloaded
