@@ -6,6 +6,8 @@ Conventions the pages follow (docs/docs/*.md):
                                                     it, consecutive lines consecutively; a line `...` (or
                                                     `# ...`) marks a cut between quoted runs
   <!-- results: PATH.json -->                        the next table's numbers all come from PATH (repo root)
+  <!-- walk: 03_cifar10_basic/train_ds.py -->         the next table names, in its first column, every
+                                                    top-level function and class of that file in order
   front matter `example: 01_basic_convnet`           a bare `train_ds.py` in a command means that example's
   ![alt](RELATIVE/PATH.png)                         an image, by its path from the .md file (not /img/...): it
                                                     renders on the code host (GitHub) and in the site
@@ -14,6 +16,7 @@ it launches, only launcher flags (those before the script path) that the pinned 
 The build and the rendering (`pytest -m site`) need npm and Chromium (`apt-get install -y chromium`).
 """
 
+import ast
 import contextlib
 import functools
 import http.server
@@ -306,6 +309,58 @@ def test_cited_tests_exist():
     bad = [f"{page}: {f}::{name}" for page, f, name in sorted(cited)
            if not (REPO / f).is_file() or not re.search(rf"^def {name}\(", (REPO / f).read_text(), re.M)]
     assert not bad, "pages cite tests that do not exist:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------- (a2) walks through a script
+WALK = re.compile(r"<!--\s*walk:\s*(\S+?)\s*-->\s*\n((?:\|[^\n]*\|[ \t]*\n?)+)")
+
+
+def top_level_names(source_text):
+    """The script's top-level functions and classes, in file order."""
+    return [node.name for node in ast.parse(source_text).body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+
+
+def walked_names(table):
+    """The name in backticks that opens each body row's first cell (`main` or `main(args)`); a row
+    whose first cell is bold (`**plumbing: ...**`) names a part of the file and is skipped."""
+    names = []
+    for row in table.strip().splitlines()[2:]:
+        if re.match(r"\|\s*\*\*", row):
+            continue
+        m = re.match(r"\|\s*`([A-Za-z_]\w*)", row)
+        names.append(m.group(1) if m else row.strip()[:40])
+    return names
+
+
+def test_walk_checker_catches_a_missing_or_moved_function():
+    src = "X = 1\n\nclass A:\n    def m(self): pass\n\ndef main(): pass\n\ndef b(): pass\n"
+    assert top_level_names(src) == ["A", "main", "b"]
+    table = "| In the file | What |\n|---|---|\n| `A` | a |\n| `main()` | m |\n| **plumbing** | |\n| `b(x)` | b |\n"
+    assert walked_names(table) == ["A", "main", "b"]
+    assert walked_names(table.replace("`b(x)`", "b")) == ["A", "main", "| b | b |"]  # a row without a name
+    assert walked_names(table.replace("| `main()` | m |\n", "")) != top_level_names(src)
+
+
+def test_example_pages_walk_their_script_top_to_bottom():
+    """A walk table lists every top-level function and class of its script in the file's order, so a
+    reader can follow the page and the file side by side, and a renamed, added or moved function
+    shows here."""
+    walks = [(page, m.group(1), m.group(2)) for page in PAGES for m in WALK.finditer(page.read_text())]
+    assert walks, "no page walks a script (<!-- walk: PATH -->)"
+    bad = []
+    for page, path, table in walks:
+        f = REPO / path
+        if not f.is_file():
+            bad.append(f"{page.name}: walks {path}, which does not exist")
+            continue
+        want, got = top_level_names(f.read_text()), walked_names(table)
+        if want != got:
+            missing = [n for n in want if n not in got]
+            extra = [n for n in got if n not in want]
+            bad.append(f"{page.name}: {path}: missing {missing}, not in the file {extra}"
+                       if missing or extra else f"{page.name}: {path}: order differs from the file")
+    assert not bad, "walk tables out of step with their scripts:\n" + "\n".join(bad)
 
 
 # ---------------------------------------------------------------------------- (c) results tables
