@@ -20,7 +20,7 @@ SCRIPTS = {e: REPO / e / "train_ds.py" for e in EXAMPLES}
 # across GPU counts, ZeRO-3, monitors and the workarounds included): new features must fit or
 # make room. 03, rewritten as the first rung, is held where the rewrite left it; its target is
 # 400 (STYLE.md), which the shared plumbing of the core contract alone does not fit today.
-CAPS = {"lines": {"01_basic_convnet": 1020, "02_cifar10": 1445, "03_cifar10_basic": 918},
+CAPS = {"lines": {"01_basic_convnet": 1020, "02_cifar10": 1442, "03_cifar10_basic": 918},
         "main": 80, "other_function": 50, "line": 100}
 WORKAROUNDS = "DeepSpeed 0.19.8 workarounds"
 # Environment variables an example may read: the launcher's and Weights & Biases' own.
