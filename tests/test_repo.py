@@ -141,18 +141,18 @@ SHARED = {
           "quiet_known_messages", "release_shm_buffer",
           "from_a_collective",
           # the lean core: input, the output-dir guard, --resume's identity, stopping
-          "UsageError", "setup_distributed", "read_config", "choose_precision", "check_with_deepspeed",
-          "restore",
-          "config_errors_in_one_line", "take_flags", "identity", "check_output_dir",
-          "claim_output_dir", "settle_set_aside", "release_output_dir", "watch_launcher"],
+          "UsageError", "setup_distributed", "read_config", "choose_precision",
+          "check_with_deepspeed", "config_errors_in_one_line", "restore", "take_flags",
+          "identity", "check_output_dir", "claim_output_dir", "settle_set_aside",
+          "release_output_dir", "watch_launcher"],
     # 01 is 03's core and lesson with the training features around them
-    ("01_basic_convnet", "03_cifar10_basic"): ["train_batches",
-                                               "evaluate", "save_epoch",
+    ("01_basic_convnet", "03_cifar10_basic"): ["train_batches", "evaluate", "save_epoch",
                                                "write_metrics", "quality", "read_checkpoint",
                                                "data_fingerprint", "load_config", "run",
                                                "stop_loader_workers"],
     # 02 keeps its own plumbing; with 01 it shares the training features it has too
     ("01_basic_convnet", "02_cifar10"): ["fill_schedule", "init_wandb"],
+    # 01 names its own cause of divergence (--max-bad-steps in a row)
     ("02_cifar10", "03_cifar10_basic"): ["TrainingDiverged"],
 }
 
