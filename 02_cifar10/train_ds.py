@@ -1171,7 +1171,7 @@ def load_imagefolder(root, cache_dirs):
 
 
 def read_cache(path):
-    """The images kept in `path` if their sha256 (0.3 s for 184 MB) verifies; a file that does not
+    """The images kept in `path` if their sha256 verifies; a file that does not
     (empty, cut short, changed, not a cache) is named in a notice, and the caller rebuilds it."""
     with contextlib.suppress(Exception):  # whatever is wrong with the file, decoding repairs it
         kept = torch.load(path, weights_only=True)
@@ -1409,8 +1409,8 @@ def quiet_known_messages():
 
 
 def reduce_unless_alone(engine):
-    """DeepSpeed all-reduces the gradients after every backward even with one rank and no ZeRO
-    (0.3 ms a step for 02's fast recipe on an H200); its public no_sync() skips that."""
+    """DeepSpeed all-reduces the gradients after every backward, even with one rank and no ZeRO;
+    its public no_sync() skips that."""
     alone = dist.get_world_size() == 1 and engine.zero_optimization_stage() == 0
     return engine.no_sync() if alone else contextlib.nullcontext()
 
