@@ -784,7 +784,7 @@ def atomic_write(path, write):
 def run(argv=None):
     """main() as a command: exit code 2 for a user's mistake (one or two lines), 3 for divergence,
     130 for Ctrl-C, 143 for SIGTERM (also when the launcher or another rank is gone)."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     watch_launcher()
     quiet_known_messages()
     code = 1
@@ -823,6 +823,19 @@ def from_a_collective(e):
     return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
 
 
+def exit_on_sigterm(signum, frame):
+    """SIGTERM ends the run as sys.exit(143), but not inside code Python calls for C and whose
+    exceptions it prints and drops: a finalizer (a data loader's __del__ joining its workers) or a
+    handler run at fork (a loader starting its workers). That signal is dropped instead, and the
+    launcher's watcher, or the launcher, sends another."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or code.co_filename.endswith("popen_fork.py"):
+            return
+        frame = frame.f_back
+    sys.exit(143)
+
+
 @functools.cache  # one watcher per process, however many runs it holds
 def watch_launcher():
     """On one node the `deepspeed` command forwards no signal: killed, it leaves launch.py and the
@@ -837,7 +850,9 @@ def watch_launcher():
     def watch():
         while all(parent_pid(pid) == parent for pid, parent in links):  # else reparented: gone
             time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
+        while True:  # each second: a SystemExit raised inside a finalizer (a loader's) is lost
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
 
     threading.Thread(target=watch, daemon=True).start()
 
