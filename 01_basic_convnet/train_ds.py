@@ -52,6 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = [str(d) for d in range(10)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TEST_BATCH = 1000  # images per evaluation batch and rank
+# The final summary's rating of held-out test accuracy: (lowest %, tier), best first
+QUALITY = ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor"))
 PLATEAU = 0.01  # a plateau: the train loss moves by less than 1% (relative) for a few epochs
 DATA_FILES = {"mnist": "MNIST/raw"}  # under --data-dir
 RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "curves.png")  # what --overwrite replaces
@@ -160,18 +162,24 @@ def load_data(args, checked, device, dtype):
         sets = [synthetic_digits(10_000, args.seed, 1), synthetic_digits(2_000, args.seed, 2)]
     else:
         sets = rank0_first(lambda: load_mnist(args.data_dir), device)
-    # DeepSpeed's DistributedSampler pads each rank's shard to ceil(n / world) images; its loader
-    # keeps a last, smaller micro-batch. An epoch takes whole gradient-accumulation windows.
+    return shard_for_the_ranks(sets, CLASSES, checked, device, dtype)
+
+
+def shard_for_the_ranks(sets, classes, checked, device, dtype):
+    """The training set for DeepSpeed's loader, whose DistributedSampler pads each rank's shard to
+    ceil(n / world) images and keeps a last, smaller micro-batch: an epoch takes whole
+    gradient-accumulation windows. Each rank reads its share of the test set, padded to one length
+    so that every rank runs as many forward passes (ZeRO-3 gathers weights in each); evaluate()
+    leaves the pads out."""
+    world = dist.get_world_size()
     micro = checked.train_micro_batch_size_per_gpu
     accumulation = checked.gradient_accumulation_steps
-    batches = math.ceil(math.ceil(len(sets[0]) / dist.get_world_size()) / micro)
+    batches = math.ceil(math.ceil(len(sets[0]) / world) / micro)
     if batches < accumulation:
         raise UsageError(f"{len(sets[0])} images cannot fill one step of {micro} images x "
-                         f"{accumulation} accumulation x {dist.get_world_size()} ranks")
-    # Each rank its share of the test set, padded to one length so that every rank runs as many
-    # forward passes (ZeRO-3 gathers weights in each); evaluate() leaves the pads out.
+                         f"{accumulation} accumulation steps x {world} ranks")
     test = DataLoader(sets[1], TEST_BATCH, sampler=DistributedSampler(sets[1], shuffle=False))
-    return SimpleNamespace(trainset=sets[0], test=test, classes=CLASSES, device=device,
+    return SimpleNamespace(trainset=sets[0], test=test, classes=classes, device=device,
                            dtype=dtype, micro_batches=batches // accumulation * accumulation)
 
 
@@ -590,10 +598,11 @@ def report(run, args, cfg, classes, wandb_run):
 
 
 def quality(accuracy):
-    for floor, tier in ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor")):
-        if accuracy >= floor:
-            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
-                          else "under 50% right: train longer or revisit the learning rate")
+    """(tier, what it means) for a held-out test accuracy in %, on this example's QUALITY floors."""
+    floor, tier = next(level for level in QUALITY if accuracy >= level[0])  # the last floor is 0
+    if floor > 0:
+        return tier, f"at least {floor}% of held-out test images classified correctly"
+    return tier, f"under {QUALITY[-2][0]}% right: train longer or revisit the learning rate"
 
 
 def plot_curves(history, path):

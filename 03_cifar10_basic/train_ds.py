@@ -54,6 +54,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NORMALIZE = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor(), NORMALIZE])
 TEST_BATCH = 1000  # images per evaluation batch and rank
+# The final summary's rating of held-out test accuracy: (lowest %, tier), best first
+QUALITY = ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor"))
 DATA_FILES = {"cifar10": "cifar-10-batches-py", "imagefolder": ""}  # under --data-dir
 RUN_FILES = ("checkpoints", "metrics.json", "model.pt", "curves.png")  # what --overwrite replaces
 OWNED = {}  # rank 0's hold on --output-dir: the locked file, and whether this run made the dir
@@ -158,8 +160,15 @@ def load_data(args, checked, device, dtype):
         sets, classes = rank0_first(lambda: load_cifar10(args.data_dir), device)
     else:
         sets, classes = load_imagefolder(args.data_dir)
-    # DeepSpeed's DistributedSampler pads each rank's shard to ceil(n / world) images; its loader
-    # keeps a last, smaller micro-batch. An epoch takes whole gradient-accumulation windows.
+    return shard_for_the_ranks(sets, classes, checked, device, dtype)
+
+
+def shard_for_the_ranks(sets, classes, checked, device, dtype):
+    """The training set for DeepSpeed's loader, whose DistributedSampler pads each rank's shard to
+    ceil(n / world) images and keeps a last, smaller micro-batch: an epoch takes whole
+    gradient-accumulation windows. Each rank reads its share of the test set, padded to one length
+    so that every rank runs as many forward passes (ZeRO-3 gathers weights in each); evaluate()
+    leaves the pads out."""
     world = dist.get_world_size()
     micro = checked.train_micro_batch_size_per_gpu
     accumulation = checked.gradient_accumulation_steps
@@ -167,8 +176,6 @@ def load_data(args, checked, device, dtype):
     if batches < accumulation:
         raise UsageError(f"{len(sets[0])} images cannot fill one step of {micro} images x "
                          f"{accumulation} accumulation steps x {world} ranks")
-    # Each rank its share of the test set, padded to one length so that every rank runs as many
-    # forward passes (ZeRO-3 gathers weights in each); evaluate() leaves the pads out.
     test = DataLoader(sets[1], TEST_BATCH, sampler=DistributedSampler(sets[1], shuffle=False))
     return SimpleNamespace(trainset=sets[0], test=test, classes=classes, device=device,
                            dtype=dtype, micro_batches=batches // accumulation * accumulation)
@@ -495,10 +502,11 @@ def report(run, args, cfg, classes):
 
 
 def quality(accuracy):
-    for floor, tier in ((90, "Excellent"), (70, "Good"), (50, "Fair"), (0, "Poor")):
-        if accuracy >= floor:
-            return tier, (f"at least {floor}% of held-out test images classified correctly" if floor
-                          else "under 50% right: train longer or revisit the learning rate")
+    """(tier, what it means) for a held-out test accuracy in %, on this example's QUALITY floors."""
+    floor, tier = next(level for level in QUALITY if accuracy >= level[0])  # the last floor is 0
+    if floor > 0:
+        return tier, f"at least {floor}% of held-out test images classified correctly"
+    return tier, f"under {QUALITY[-2][0]}% right: train longer or revisit the learning rate"
 
 
 def plot_curves(history, path):

@@ -18,7 +18,7 @@ SCRIPTS = {e: REPO / e / "train_ds.py" for e in EXAMPLES}
 # Caps that later work must keep too (lines include the docstring and comments): a ratchet at
 # what the rungs are now. The ladder's targets (STYLE.md: 03 400, 01 500, 02 1,100 with a lesson of
 # 650) are not met: the core contract's plumbing alone is about 430 lines in every rung.
-CAPS = {"lines": {"01_basic_convnet": 1035, "02_cifar10": 1457, "03_cifar10_basic": 933},
+CAPS = {"lines": {"01_basic_convnet": 1044, "02_cifar10": 1460, "03_cifar10_basic": 941},
         "main": 80, "other_function": 50, "line": 100}
 WORKAROUNDS = "DeepSpeed 0.19.8 workarounds"
 # Environment variables an example may read: the launcher's and Weights & Biases' own.
@@ -142,10 +142,11 @@ SHARED = {
           "UsageError", "setup_distributed", "read_config", "choose_precision",
           "check_with_deepspeed", "config_errors_in_one_line", "restore", "take_flags",
           "identity", "check_output_dir", "claim_output_dir", "settle_set_aside",
-          "release_output_dir", "watch_launcher", "exit_on_sigterm"],
+          "release_output_dir", "watch_launcher", "exit_on_sigterm", "quality"],
     # 01 is 03's core and lesson with the training features around them
     ("01_basic_convnet", "03_cifar10_basic"): ["train_batches", "evaluate", "save_epoch",
-                                               "write_metrics", "quality", "read_checkpoint",
+                                               "write_metrics", "read_checkpoint",
+                                               "shard_for_the_ranks",
                                                "data_fingerprint", "load_config", "run",
                                                "stop_loader_workers"],
     # 02 keeps its own plumbing; with 01 it shares the training features it has too
