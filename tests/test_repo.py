@@ -259,3 +259,14 @@ def test_the_stepdown_check_sees_what_it_looks_for():
                                                         "line 21: deepspeed.init is below the fence"]
     # below the fence, main's steps may come in any order; above it they may not
     assert stepdown_problems(fenced.replace("    a()\n    b()", "    b()\n    a()"), 30) == []
+
+
+def test_the_interpreter_forks_safely():
+    """DeepSpeed's loader forks its workers while gloo's threads run. CPython before 3.12 (3.11.10,
+    3.10.15) can leave the forked worker waiting for a lock held by a thread that entered Python
+    at that moment (gh-112275): the battery then hangs about one launch in thirty. .python-version
+    asks for 3.12; this fails the suite where another interpreter runs it."""
+    fixed = {(3, 10): 15, (3, 11): 10}  # the patch release with the fix, before 3.12
+    v = sys.version_info
+    assert v >= (3, 12) or v.micro >= fixed.get(v[:2], 10**6), (
+        f"Python {sys.version.split()[0]} has CPython's fork deadlock (gh-112275): use 3.12 or later")
