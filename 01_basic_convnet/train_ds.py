@@ -537,8 +537,7 @@ def save_epoch(engine, run, args, cfg):
         engine.save_checkpoint(ckpt, tag=tag, client_state={"example": EXAMPLE, "run": asdict(run)},
                                save_latest=False)
     except (OSError, RuntimeError) as e:  # a full disk: `latest` still names the previous epoch
-        raise UsageError(f"cannot write checkpoint {ckpt}/{tag}: {first_line(e)} (disk full? free "
-                         "some space or choose another --output-dir)") from None
+        raise save_failed(e, f"{ckpt}/{tag}") from None
     if dist.get_rank() == 0:
         atomic_write(f"{ckpt}/latest", lambda tmp: open(tmp, "w").write(tag))
         for old in os.listdir(ckpt):
@@ -898,6 +897,7 @@ def run(argv=None):
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     watch_launcher()
     quiet_known_messages()
+    quiet_a_stopped_handover()
     code = 1
     args = None
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -932,6 +932,15 @@ def run(argv=None):
 def from_a_collective(e):
     """An error raised inside torch.distributed: a collective whose peer rank went away."""
     return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
+
+
+def save_failed(e, where):
+    """What a failed checkpoint save raises: a collective's error as it is (another rank stopped
+    while the ranks saved together), else one line that names the likely cause."""
+    if from_a_collective(e):
+        return e
+    return UsageError(f"cannot write checkpoint {where}: {first_line(e)} (disk full? free some "
+                      "space or choose another --output-dir)")
 
 
 def exit_on_sigterm(signum, frame):
@@ -1029,6 +1038,21 @@ def stop_loader_workers(loader):
     (also after one that stopped early), whose shutdown can then stall for seconds: close it."""
     if loader.data is not None:
         loader.data.close()
+
+
+def quiet_a_stopped_handover():
+    """A loader worker hands each batch to its rank through a thread of multiprocessing's
+    resource_sharer, which reports a rank that stopped mid-handover (EOFError, BrokenPipeError)
+    to sys.excepthook, as a traceback. The workers are forked, so this hook, set in the rank, is
+    theirs too: it drops that report and passes every other on."""
+    default = sys.excepthook
+
+    def hook(kind, error, tb):
+        cut = any(f.filename.endswith("resource_sharer.py") for f in traceback.extract_tb(tb))
+        if not (cut and issubclass(kind, (EOFError, OSError))):
+            default(kind, error, tb)
+
+    sys.excepthook = hook
 
 
 def release_shm_buffer():

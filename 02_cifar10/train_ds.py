@@ -624,8 +624,7 @@ def save_epoch(engine, run, args, cfg, own_clip, write_model):
         engine.save_checkpoint(ckpt, tag=tag, client_state={"example": EXAMPLE, "run": asdict(run)},
                                save_latest=False)
     except (OSError, RuntimeError) as e:  # a full disk: `latest` still names the previous epoch
-        raise UsageError(f"cannot write checkpoint {ckpt}/{tag}: {first_line(e)} (disk full? free "
-                         "some space or choose another --output-dir)") from None
+        raise save_failed(e, f"{ckpt}/{tag}") from None
     if dist.get_rank() == 0:
         atomic_write(f"{ckpt}/latest", lambda tmp: open(tmp, "w").write(tag))
         for old in os.listdir(ckpt):
@@ -778,6 +777,15 @@ def print_how_to_resume(args):
 def from_a_collective(e):
     """An error raised inside torch.distributed: a collective whose peer rank went away."""
     return f"torch{os.sep}distributed" in traceback.extract_tb(e.__traceback__)[-1].filename
+
+
+def save_failed(e, where):
+    """What a failed checkpoint save raises: a collective's error as it is (another rank stopped
+    while the ranks saved together), else one line that names the likely cause."""
+    if from_a_collective(e):
+        return e
+    return UsageError(f"cannot write checkpoint {where}: {first_line(e)} (disk full? free some "
+                      "space or choose another --output-dir)")
 
 
 def exit_on_sigterm(signum, frame):

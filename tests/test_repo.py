@@ -18,7 +18,7 @@ SCRIPTS = {e: REPO / e / "train_ds.py" for e in EXAMPLES}
 # Caps that later work must keep too (lines include the docstring and comments): a ratchet at
 # what the rungs are now. The ladder's targets (STYLE.md: 03 400, 01 500, 02 1,100 with a lesson of
 # 650) are not met: the core contract's plumbing alone is about 430 lines in every rung.
-CAPS = {"lines": {"01_basic_convnet": 1044, "02_cifar10": 1460, "03_cifar10_basic": 941},
+CAPS = {"lines": {"01_basic_convnet": 1068, "02_cifar10": 1468, "03_cifar10_basic": 965},
         "main": 80, "other_function": 50, "line": 100}
 WORKAROUNDS = "DeepSpeed 0.19.8 workarounds"
 # Environment variables an example may read: the launcher's and Weights & Biases' own.
@@ -137,7 +137,7 @@ SHARED = {
     ALL: ["Parser", "say", "first_line", "parent_pid", "rank0_first",
           "plain_weights", "atomic_write", "plot_curves", "refuse_fp16_without_zero",
           "quiet_known_messages", "release_shm_buffer",
-          "from_a_collective",
+          "from_a_collective", "save_failed",
           # the lean core: input, the output-dir guard, --resume's identity, stopping
           "UsageError", "setup_distributed", "read_config", "choose_precision",
           "check_with_deepspeed", "config_errors_in_one_line", "restore", "take_flags",
@@ -148,7 +148,7 @@ SHARED = {
                                                "write_metrics", "read_checkpoint",
                                                "shard_for_the_ranks",
                                                "data_fingerprint", "load_config", "run",
-                                               "stop_loader_workers"],
+                                               "stop_loader_workers", "quiet_a_stopped_handover"],
     # 02 keeps its own plumbing; with 01 it shares the training features it has too
     ("01_basic_convnet", "02_cifar10"): ["fill_schedule", "init_wandb"],
     # 01 names its own cause of divergence (--max-bad-steps in a row)
