@@ -342,18 +342,27 @@ def test_walk_checker_catches_a_missing_or_moved_function():
     assert walked_names(table.replace("| `main()` | m |\n", "")) != top_level_names(src)
 
 
+def existing(marks, what):
+    """Marked (page, path, table) triples split: those whose file exists, with the file, and a
+    problem line for each of the others."""
+    found, bad = [], []
+    for page, path, table in marks:
+        f = REPO / path
+        if f.is_file():
+            found.append((page, path, table, f))
+        else:
+            bad.append(f"{page.name}: {what} {path}, which does not exist")
+    return found, bad
+
+
 def test_example_pages_walk_their_script_top_to_bottom():
     """A walk table lists every top-level function and class of its script in the file's order, so a
     reader can follow the page and the file side by side, and a renamed, added or moved function
     shows here."""
     walks = [(page, m.group(1), m.group(2)) for page in PAGES for m in WALK.finditer(page.read_text())]
     assert walks, "no page walks a script (<!-- walk: PATH -->)"
-    bad = []
-    for page, path, table in walks:
-        f = REPO / path
-        if not f.is_file():
-            bad.append(f"{page.name}: walks {path}, which does not exist")
-            continue
+    walks, bad = existing(walks, "walks")
+    for page, path, table, f in walks:
         want, got = top_level_names(f.read_text()), walked_names(table)
         if want != got:
             missing = [n for n in want if n not in got]
@@ -409,12 +418,8 @@ def test_results_checker_catches_mismatch():
 def test_results_tables_match_their_files():
     tables = list(results_tables())
     assert tables, "no page marks a results table with <!-- results: PATH -->"
-    bad = []
-    for page, path, table in tables:
-        f = REPO / path
-        if not f.is_file():
-            bad.append(f"{page.name}: results file {path} does not exist")
-            continue
+    tables, bad = existing(tables, "results file")
+    for page, path, table, f in tables:
         bad += [f"{page.name}: {path}: {p}" for p in table_problems(table, json.loads(f.read_text()))]
     assert not bad, "results tables disagree with their files:\n" + "\n".join(bad)
 
